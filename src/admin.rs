@@ -1,0 +1,207 @@
+//! The admin API (axum): health, readiness, metrics and read-only views of the routing table and config.
+//!
+//! Handlers read shared handles only (a `watch` snapshot of the table, the config, the metrics registry and
+//! the readiness state); nothing here changes the agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::routing::{Location, Table};
+use crate::telemetry::Registry;
+
+/// Config keys whose values are secrets and are never shown by `/v1/config`.
+const SECRET_KEYS: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "private_key",
+    "key_pem",
+    "gossip_key",
+];
+
+/// Readiness: ready once every subsystem has given back its token, and not while draining.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pending: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// Held by a subsystem until it is ready; dropping it (or calling `ready`) marks it ready.
+#[derive(Debug)]
+pub struct ReadyToken(Arc<Readiness>);
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Readiness::default())
+    }
+
+    pub fn token(self: &Arc<Self>) -> ReadyToken {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        ReadyToken(self.clone())
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0 && !self.draining.load(Ordering::SeqCst)
+    }
+}
+
+impl ReadyToken {
+    pub fn ready(self) {}
+}
+
+impl Drop for ReadyToken {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub table: watch::Receiver<Arc<Table>>,
+    pub metrics: Registry,
+    pub readiness: Arc<Readiness>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/services", get(services))
+        .route("/v1/config", get(config))
+        .with_state(state)
+}
+
+/// Serves the admin API until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    if let Err(e) = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::warn!(?local, error = %e, "admin server stopped with an error");
+    }
+}
+
+async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.readiness.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn services(State(s): State<AdminState>) -> Json<Value> {
+    let table = s.table.borrow().clone();
+    let services: Vec<Value> = table
+        .services
+        .values()
+        .map(|svc| {
+            let endpoints: Vec<Value> = svc
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let (node, source, via) = match &e.location {
+                        Location::Local { source } => {
+                            (s.config.node.name.clone(), source.as_str(), None)
+                        }
+                        Location::Remote { node, inbound } => {
+                            (node.clone(), "gossip", Some(inbound.to_string()))
+                        }
+                    };
+                    json!({
+                        "address": e.addr.to_string(),
+                        "protocol": e.protocol.as_str(),
+                        "weight": e.weight,
+                        "node": node,
+                        "local": e.is_local(),
+                        "source": source,
+                        "via": via,
+                    })
+                })
+                .collect();
+            json!({
+                "name": svc.name,
+                "timeout": crate::config::format_duration(s.config.timeout_for(&svc.name)),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    Json(json!({ "node": s.config.node.name, "services": services }))
+}
+
+async fn config(State(s): State<AdminState>) -> Json<Value> {
+    let mut v = serde_json::to_value(&*s.config).unwrap_or(Value::Null);
+    redact(&mut v);
+    Json(v)
+}
+
+/// Replaces the value of every secret-named key with `"<redacted>"`.
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if SECRET_KEYS.iter().any(|s| k.contains(s)) && !val.is_null() {
+                    *val = Value::String("<redacted>".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_nested_secrets() {
+        let mut v = json!({"tls": {"private_key": "-----BEGIN", "cert": "/etc/c.pem"}, "list": [{"token": "t"}]});
+        redact(&mut v);
+        assert_eq!(v["tls"]["private_key"], "<redacted>");
+        assert_eq!(v["tls"]["cert"], "/etc/c.pem");
+        assert_eq!(v["list"][0]["token"], "<redacted>");
+    }
+
+    #[test]
+    fn readiness_tokens() {
+        let r = Readiness::new();
+        let t = r.token();
+        assert!(!r.is_ready());
+        t.ready();
+        assert!(r.is_ready());
+        r.set_draining();
+        assert!(!r.is_ready());
+    }
+}

@@ -1,0 +1,199 @@
+//! Wiring: builds every subsystem from a [`Config`], binds the listeners (failing early), and runs them until
+//! the shutdown future resolves; then drains and returns.
+//!
+//! `build` returns a [`Bound`] with the real listener addresses, so tests bind port 0 and read them back.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::config::Config;
+use crate::discovery::static_file;
+use crate::proxy::client::Clients;
+use crate::proxy::inbound::{Inbound, InboundHandler};
+use crate::proxy::outbound::{Outbound, OutboundHandler};
+use crate::proxy::server::{self, Versions};
+use crate::routing::{Router, RoutingHandle, Source, Table, Update};
+use crate::telemetry::{Direction, Registry};
+
+/// An agent whose listeners are bound but not yet serving.
+pub struct Bound {
+    pub config: Arc<Config>,
+    /// Actual outbound addresses, in `outbound.listen` order.
+    pub outbound: Vec<SocketAddr>,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// Send endpoint updates (the gossip layer uses this for other nodes' endpoints).
+    pub routing: RoutingHandle,
+    pub table: watch::Receiver<Arc<Table>>,
+    pub metrics: Registry,
+    outbound_listeners: Vec<TcpListener>,
+    inbound_listener: TcpListener,
+    admin_listener: TcpListener,
+    router: Router,
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// Binds every listener and prepares the subsystems.
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let mut outbound_listeners = Vec::new();
+    for (i, addr) in config.outbound.listen.iter().enumerate() {
+        outbound_listeners.push(bind(*addr, &format!("outbound.listen[{i}]")).await?);
+    }
+    let inbound_listener = bind(config.inbound.listen, "inbound.listen").await?;
+    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let (router, routing, table) = Router::new();
+    Ok(Bound {
+        outbound: outbound_listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<_, _>>()?,
+        inbound: inbound_listener.local_addr()?,
+        admin: admin_listener.local_addr()?,
+        config: Arc::new(config),
+        routing,
+        table,
+        metrics: Registry::new(),
+        outbound_listeners,
+        inbound_listener,
+        admin_listener,
+        router,
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown` resolves, then stops accepting, drains in-flight requests for at most
+    /// `node.drain_timeout`, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Bound {
+            config,
+            routing,
+            table,
+            metrics,
+            outbound_listeners,
+            inbound_listener,
+            admin_listener,
+            router,
+            ..
+        } = self;
+        let stop_router = CancellationToken::new();
+        let stop_proxies = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        let readiness = Readiness::new();
+        let discovery_synced = readiness.token();
+
+        let router_task = tokio::spawn(router.run(stop_router.clone()));
+        let table_watch = {
+            let mut table = table.clone();
+            let gauge = metrics.discovery.endpoints.clone();
+            tokio::spawn(async move {
+                loop {
+                    let counts = table.borrow_and_update().local_counts();
+                    for src in [Source::Static, Source::Docker] {
+                        gauge
+                            .with_label_values(&[src.as_str()])
+                            .set(counts.get(&src).copied().unwrap_or(0) as i64);
+                    }
+                    if table.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+
+        // Static discovery and declared services are known at once.
+        let declared: BTreeSet<String> = config.services.keys().cloned().collect();
+        routing.update(Update::SetDeclared { services: declared });
+        routing.update(Update::SetLocal {
+            source: Source::Static,
+            endpoints: static_file::endpoints(&config.discovery.static_),
+        });
+        let mut synced = table.clone();
+        let expect_static = !config.discovery.static_.is_empty() || !config.services.is_empty();
+        if expect_static {
+            // Ready only once the first table holding them is published.
+            let _ = synced.wait_for(|t| !t.services.is_empty()).await;
+        }
+        discovery_synced.ready();
+
+        let clients = Clients::new();
+        let drain = config.node.drain_timeout;
+        let mut proxies = JoinSet::new();
+        let outbound = OutboundHandler(Arc::new(Outbound {
+            config: config.clone(),
+            table: table.clone(),
+            clients: clients.clone(),
+            metrics: metrics.proxy.clone(),
+        }));
+        for listener in outbound_listeners {
+            proxies.spawn(server::serve(
+                listener,
+                Direction::Outbound,
+                Versions::Auto,
+                outbound.clone(),
+                metrics.proxy.clone(),
+                stop_proxies.clone(),
+                drain,
+            ));
+        }
+        if !config.inbound.insecure_plaintext {
+            tracing::warn!(
+                "inbound.listen speaks plaintext HTTP/2: mutual TLS between agents is not implemented yet"
+            );
+        }
+        proxies.spawn(server::serve(
+            inbound_listener,
+            Direction::Inbound,
+            Versions::H2Only,
+            InboundHandler(Arc::new(Inbound {
+                config: config.clone(),
+                table: table.clone(),
+                clients,
+                metrics: metrics.proxy.clone(),
+            })),
+            metrics.proxy.clone(),
+            stop_proxies.clone(),
+            drain,
+        ));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            AdminState {
+                config: config.clone(),
+                table: table.clone(),
+                metrics: metrics.clone(),
+                readiness: readiness.clone(),
+            },
+            stop_admin.clone(),
+        ));
+        tracing::info!(node = %config.node.name, "meshd is serving");
+
+        shutdown.await;
+        readiness.set_draining();
+        stop_proxies.cancel();
+        while let Some(res) = proxies.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "a listener task failed");
+            }
+        }
+        stop_admin.cancel();
+        stop_router.cancel();
+        let _ = admin_task.await;
+        let _ = router_task.await;
+        table_watch.abort();
+        tracing::info!("meshd stopped");
+        Ok(())
+    }
+}

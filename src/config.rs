@@ -1,0 +1,1064 @@
+//! Configuration: the TOML schema, its documented defaults, and validation.
+//!
+//! Parsing is pure (`Config::from_toml`): it never touches the environment, so tests feed it strings. A file is
+//! read in two steps: serde turns the text into a [`RawConfig`] of plain strings (collecting every unknown key on
+//! the way), then [`RawConfig::validate`] checks every value and returns either a typed [`Config`] or the whole
+//! list of problems, each with its key path and line. Nothing here binds a socket or reads a clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default outbound listener: local apps send here.
+pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
+/// Default inbound listener: peer agents send here.
+pub const DEFAULT_INBOUND_LISTEN: &str = "0.0.0.0:4143";
+/// Default admin listener (loopback only).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9990";
+/// Default domain suffixes removed from a Host before it is looked up as a service name.
+pub const DEFAULT_STRIP_SUFFIXES: &[&str] = &[".mesh"];
+/// Default cluster name: packets and peers from another cluster are refused.
+pub const DEFAULT_CLUSTER: &str = "default";
+/// How long in-flight requests may finish after SIGTERM/SIGINT.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-request timeout (until the response headers arrive) when a service sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log level (an `EnvFilter` directive); `RUST_LOG` overrides it.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Exit status for a configuration that cannot be used (EX_USAGE/EX_DATAERR family, as linkerd2-proxy uses).
+pub const EXIT_CONFIG: i32 = 64;
+
+// ---------------------------------------------------------------------------------------------------------
+// Validated configuration: what the rest of the program reads.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The effective, validated configuration.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub outbound: OutboundConfig,
+    pub inbound: InboundConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub discovery: DiscoveryConfig,
+    pub defaults: PolicyConfig,
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub advertise_addr: Option<IpAddr>,
+    pub cluster: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OutboundConfig {
+    pub listen: Vec<SocketAddr>,
+    pub strip_suffixes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct InboundConfig {
+    pub listen: SocketAddr,
+    pub insecure_plaintext: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct DiscoveryConfig {
+    #[serde(rename = "static")]
+    pub static_: Vec<StaticService>,
+}
+
+/// How meshd speaks to an endpoint.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1.
+    Http,
+    /// HTTP/2 with prior knowledge, cleartext.
+    H2c,
+    /// gRPC (HTTP/2).
+    Grpc,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http" => Some(Protocol::Http),
+            "h2c" => Some(Protocol::H2c),
+            "grpc" => Some(Protocol::Grpc),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::H2c => "h2c",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
+    /// Whether requests to this endpoint travel as HTTP/2.
+    pub fn is_h2(self) -> bool {
+        !matches!(self, Protocol::Http)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StaticService {
+    pub service: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PolicyConfig {
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ServiceConfig {
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub timeout: Option<Duration>,
+}
+
+impl Config {
+    /// Parses and validates a TOML document. On failure every problem found is returned at once.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        RawConfig::parse(text)?.validate(Some(text))
+    }
+
+    /// The configuration used when no file is given: every default.
+    pub fn defaults() -> Config {
+        match RawConfig::default().validate(None) {
+            Ok(cfg) => cfg,
+            // The defaults are constants checked by a unit test; reaching this is a bug in this file.
+            Err(e) => unreachable!("built-in defaults are invalid: {e}"),
+        }
+    }
+
+    /// The request timeout for `service`: its own, else `[defaults]`.
+    pub fn timeout_for(&self, service: &str) -> Duration {
+        self.services
+            .get(service)
+            .and_then(|s| s.timeout)
+            .unwrap_or(self.defaults.timeout)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Raw configuration: exactly what the file says, as strings, before validation.
+// ---------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    pub node: RawNode,
+    pub outbound: RawOutbound,
+    pub inbound: RawInbound,
+    pub admin: RawAdmin,
+    pub log: RawLog,
+    pub discovery: RawDiscovery,
+    pub defaults: RawPolicy,
+    pub services: BTreeMap<String, RawService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawNode {
+    pub name: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub cluster: Option<String>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawOutbound {
+    pub listen: Option<Vec<String>>,
+    pub strip_suffixes: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawInbound {
+    pub listen: Option<String>,
+    pub insecure_plaintext: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDiscovery {
+    #[serde(rename = "static")]
+    pub static_: Vec<RawStatic>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawStatic {
+    pub service: String,
+    pub endpoints: Vec<String>,
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawPolicy {
+    pub timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawService {
+    pub timeout: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Problems.
+// ---------------------------------------------------------------------------------------------------------
+
+/// One thing wrong with a configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `discovery.static[1].endpoints[0]`.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} (line {}): {}", self.path, line, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while validating; paths are kept as segments so lines can be looked up afterwards.
+struct Problems {
+    list: Vec<(Vec<Seg>, String)>,
+}
+
+#[derive(Clone, Debug)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn path(segs: &[Seg]) -> String {
+    let mut out = String::new();
+    for s in segs {
+        match s {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => {
+                out.push_str(&format!("[{i}]"));
+            }
+        }
+    }
+    out
+}
+
+macro_rules! p {
+    ($($seg:expr),* $(,)?) => { vec![$(Seg::from($seg)),*] };
+}
+
+impl From<&str> for Seg {
+    fn from(s: &str) -> Self {
+        Seg::Key(s.to_string())
+    }
+}
+impl From<&String> for Seg {
+    fn from(s: &String) -> Self {
+        Seg::Key(s.clone())
+    }
+}
+impl From<usize> for Seg {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+impl Problems {
+    fn push(&mut self, at: Vec<Seg>, msg: impl Into<String>) {
+        self.list.push((at, msg.into()));
+    }
+
+    fn finish(self, text: Option<&str>) -> ConfigErrors {
+        let doc = text.and_then(|t| t.parse::<toml_edit::Document<String>>().ok());
+        ConfigErrors(
+            self.list
+                .into_iter()
+                .map(|(segs, message)| Problem {
+                    line: match (&doc, text) {
+                        (Some(doc), Some(text)) => line_of(doc, text, &segs),
+                        _ => None,
+                    },
+                    path: path(&segs),
+                    message,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Finds the line of the deepest part of `segs` present in the document.
+fn line_of(doc: &toml_edit::Document<String>, text: &str, segs: &[Seg]) -> Option<usize> {
+    let mut item = doc.as_item();
+    let mut span = None;
+    for seg in segs {
+        let (next, key_span) = match seg {
+            Seg::Key(k) => {
+                let key_span = item
+                    .as_table_like()
+                    .and_then(|t| t.get_key_value(k))
+                    .and_then(|(key, _)| key.span());
+                (item.get(k.as_str()), key_span)
+            }
+            Seg::Index(i) => (item.get(*i), None),
+        };
+        match next {
+            Some(next) => {
+                span = next.span().or(key_span).or(span);
+                item = next;
+            }
+            None => break,
+        }
+    }
+    let offset = span?.start;
+    Some(text[..offset.min(text.len())].matches('\n').count() + 1)
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Parsing.
+// ---------------------------------------------------------------------------------------------------------
+
+impl RawConfig {
+    /// TOML text → raw config. Unknown keys are all collected and reported together; a syntax error or a value
+    /// of the wrong type stops parsing (the file cannot be read further) and is reported with its line.
+    pub fn parse(text: &str) -> Result<RawConfig, ConfigErrors> {
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| syntax_error(text, &e, String::new()))?;
+        let mut unknown = Vec::new();
+        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
+        let raw: RawConfig = serde_path_to_error::deserialize(ignored).map_err(|e| {
+            let at = e.path().to_string();
+            syntax_error(text, e.inner(), if at == "." { String::new() } else { at })
+        })?;
+        if unknown.is_empty() {
+            return Ok(raw);
+        }
+        let mut problems = Problems { list: Vec::new() };
+        for key in unknown {
+            let segs = split_path(&key);
+            problems.push(
+                segs,
+                "unknown key (check the spelling against docs/configuration.md)",
+            );
+        }
+        Err(problems.finish(Some(text)))
+    }
+}
+
+/// serde_ignored paths look like `node.nmae` or `discovery.static.0.x`.
+fn split_path(p: &str) -> Vec<Seg> {
+    p.split('.')
+        .map(|s| match s.parse::<usize>() {
+            Ok(i) => Seg::Index(i),
+            Err(_) => Seg::Key(s.to_string()),
+        })
+        .collect()
+}
+
+fn syntax_error(text: &str, e: &toml::de::Error, at: String) -> ConfigErrors {
+    let at = if at.is_empty() {
+        "(file)".to_string()
+    } else {
+        // serde_path_to_error writes indexes as `static[0]` already.
+        at
+    };
+    ConfigErrors(vec![Problem {
+        path: at,
+        line: e.span().map(|s| line_at(text, s.start)),
+        message: e.message().trim().to_string(),
+    }])
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Validation.
+// ---------------------------------------------------------------------------------------------------------
+
+impl RawConfig {
+    /// Checks every value and builds the typed config, or returns every problem found. `text` (the file the raw
+    /// config came from) is only used to attach line numbers.
+    pub fn validate(&self, text: Option<&str>) -> Result<Config, ConfigErrors> {
+        let mut pr = Problems { list: Vec::new() };
+
+        // [node]
+        let name = match &self.node.name {
+            Some(n) => {
+                if !is_valid_name(n) {
+                    pr.push(
+                        p!("node", "name"),
+                        format!("{n:?}: use 1-63 characters of a-z, A-Z, 0-9, '.', '-', '_'"),
+                    );
+                }
+                n.clone()
+            }
+            None => default_node_name(),
+        };
+        let advertise_addr =
+            self.node
+                .advertise_addr
+                .as_ref()
+                .and_then(|a| match a.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_unspecified() => {
+                        pr.push(
+                            p!("node", "advertise_addr"),
+                            format!("{a:?}: must be an address peers can dial"),
+                        );
+                        None
+                    }
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        pr.push(
+                            p!("node", "advertise_addr"),
+                            format!("{a:?}: not an IP address"),
+                        );
+                        None
+                    }
+                });
+        let cluster = self
+            .node
+            .cluster
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
+        if !is_valid_name(&cluster) {
+            pr.push(
+                p!("node", "cluster"),
+                format!("{cluster:?}: use 1-63 characters of a-z, A-Z, 0-9, '.', '-', '_'"),
+            );
+        }
+        let drain_timeout = duration(
+            &mut pr,
+            p!("node", "drain_timeout"),
+            &self.node.drain_timeout,
+        )
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+
+        // [outbound]
+        let outbound_listen = match &self.outbound.listen {
+            None => vec![parse_default_addr(DEFAULT_OUTBOUND_LISTEN)],
+            Some(list) if list.is_empty() => {
+                pr.push(p!("outbound", "listen"), "needs at least one address");
+                Vec::new()
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| socket_addr(&mut pr, p!("outbound", "listen", i), a))
+                .collect(),
+        };
+        let strip_suffixes = match &self.outbound.strip_suffixes {
+            None => DEFAULT_STRIP_SUFFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            Some(list) => {
+                for (i, s) in list.iter().enumerate() {
+                    if !s.starts_with('.') || s.len() < 2 || !is_valid_name(&s[1..]) {
+                        pr.push(
+                            p!("outbound", "strip_suffixes", i),
+                            format!("{s:?}: a suffix starts with '.' followed by a domain, like \".mesh\""),
+                        );
+                    }
+                }
+                list.iter().map(|s| s.to_ascii_lowercase()).collect()
+            }
+        };
+
+        // [inbound], [admin]
+        let inbound_listen = match &self.inbound.listen {
+            None => Some(parse_default_addr(DEFAULT_INBOUND_LISTEN)),
+            Some(a) => socket_addr(&mut pr, p!("inbound", "listen"), a),
+        };
+        let admin_listen = match &self.admin.listen {
+            None => Some(parse_default_addr(DEFAULT_ADMIN_LISTEN)),
+            Some(a) => socket_addr(&mut pr, p!("admin", "listen"), a),
+        };
+
+        // Two listeners on one port.
+        let mut listeners: Vec<(Vec<Seg>, SocketAddr)> = outbound_listen
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (p!("outbound", "listen", i), *a))
+            .collect();
+        if let Some(a) = inbound_listen {
+            listeners.push((p!("inbound", "listen"), a));
+        }
+        if let Some(a) = admin_listen {
+            listeners.push((p!("admin", "listen"), a));
+        }
+        for (i, (pa, a)) in listeners.iter().enumerate() {
+            for (pb, b) in &listeners[..i] {
+                if a.port() != 0 && a.port() == b.port() && overlaps(a.ip(), b.ip()) {
+                    pr.push(
+                        pa.clone(),
+                        format!(
+                            "{a} uses the same port as {} ({b}): give each listener its own port",
+                            path(pb)
+                        ),
+                    );
+                }
+            }
+        }
+
+        // [log]
+        let level = self
+            .log
+            .level
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+        if tracing_subscriber::EnvFilter::builder()
+            .parse(&level)
+            .is_err()
+        {
+            pr.push(
+                p!("log", "level"),
+                format!(
+                    "{level:?}: not a log filter (try \"info\", \"debug\" or \"meshd=debug,info\")"
+                ),
+            );
+        }
+        let format = match self.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                pr.push(
+                    p!("log", "format"),
+                    format!("{other:?}: use \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+
+        // [[discovery.static]]
+        let mut static_ = Vec::new();
+        for (i, s) in self.discovery.static_.iter().enumerate() {
+            if s.service.is_empty() {
+                pr.push(
+                    p!("discovery", "static", i, "service"),
+                    "service name is empty",
+                );
+            } else if let Err(why) = check_service_name(&s.service) {
+                pr.push(
+                    p!("discovery", "static", i, "service"),
+                    format!("{:?}: {why}", s.service),
+                );
+            }
+            if s.endpoints.is_empty() {
+                pr.push(
+                    p!("discovery", "static", i, "endpoints"),
+                    "needs at least one \"ip:port\"",
+                );
+            }
+            let endpoints: Vec<SocketAddr> = s
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(j, e)| {
+                    endpoint_addr(&mut pr, p!("discovery", "static", i, "endpoints", j), e)
+                })
+                .collect();
+            let protocol = match s.protocol.as_deref() {
+                None => Protocol::Http,
+                Some(p) => Protocol::parse(p).unwrap_or_else(|| {
+                    pr.push(
+                        p!("discovery", "static", i, "protocol"),
+                        format!("{p:?}: use \"http\", \"h2c\" or \"grpc\""),
+                    );
+                    Protocol::Http
+                }),
+            };
+            static_.push(StaticService {
+                service: s.service.to_ascii_lowercase(),
+                endpoints,
+                protocol,
+            });
+        }
+
+        // [defaults], [services.<name>]
+        let timeout = positive_duration(&mut pr, p!("defaults", "timeout"), &self.defaults.timeout)
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let mut services = BTreeMap::new();
+        for (name, svc) in &self.services {
+            if let Err(why) = check_service_name(name) {
+                pr.push(p!("services", name), format!("{name:?}: {why}"));
+            }
+            let timeout = positive_duration(&mut pr, p!("services", name, "timeout"), &svc.timeout);
+            services.insert(name.to_ascii_lowercase(), ServiceConfig { timeout });
+        }
+
+        if !pr.list.is_empty() {
+            return Err(pr.finish(text));
+        }
+        Ok(Config {
+            node: NodeConfig {
+                name,
+                advertise_addr,
+                cluster,
+                drain_timeout,
+            },
+            outbound: OutboundConfig {
+                listen: outbound_listen,
+                strip_suffixes,
+            },
+            inbound: InboundConfig {
+                listen: inbound_listen
+                    .unwrap_or_else(|| parse_default_addr(DEFAULT_INBOUND_LISTEN)),
+                insecure_plaintext: self.inbound.insecure_plaintext,
+            },
+            admin: AdminConfig {
+                listen: admin_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_ADMIN_LISTEN)),
+            },
+            log: LogConfig { level, format },
+            discovery: DiscoveryConfig { static_ },
+            defaults: PolicyConfig { timeout },
+            services,
+        })
+    }
+}
+
+fn parse_default_addr(s: &str) -> SocketAddr {
+    match s.parse() {
+        Ok(a) => a,
+        Err(_) => unreachable!("default address {s} is a constant checked by tests"),
+    }
+}
+
+fn default_node_name() -> String {
+    let host = gethostname::gethostname().to_string_lossy().to_string();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .take(63)
+        .collect();
+    if host.is_empty() {
+        "meshd".to_string()
+    } else {
+        host
+    }
+}
+
+fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// Service names are DNS-like labels joined by dots; they must not look like an IP address, since meshd never
+/// routes to addresses.
+pub fn check_service_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("service name is empty");
+    }
+    if s.len() > 253 {
+        return Err("longer than 253 characters");
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err("an IP address is not a service name");
+    }
+    for label in s.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated part must be 1-63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err("use letters, digits, '-', '_' and '.' only");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a part may not start or end with '-'");
+        }
+    }
+    Ok(())
+}
+
+fn overlaps(a: IpAddr, b: IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+fn socket_addr(pr: &mut Problems, at: Vec<Seg>, s: &str) -> Option<SocketAddr> {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            pr.push(
+                at,
+                format!("{s:?}: not an IP:port (e.g. \"127.0.0.1:4140\" or \"[::1]:4140\")"),
+            );
+            None
+        }
+    }
+}
+
+fn endpoint_addr(pr: &mut Problems, at: Vec<Seg>, s: &str) -> Option<SocketAddr> {
+    let a = socket_addr(pr, at.clone(), s)?;
+    if a.port() == 0 || a.ip().is_unspecified() {
+        pr.push(
+            at,
+            format!("{s:?}: an endpoint needs a real address and a non-zero port"),
+        );
+        return None;
+    }
+    Some(a)
+}
+
+fn duration(pr: &mut Problems, at: Vec<Seg>, s: &Option<String>) -> Option<Duration> {
+    let s = s.as_ref()?;
+    match parse_duration(s) {
+        Ok(d) => Some(d),
+        Err(why) => {
+            pr.push(at, format!("{s:?}: {why}"));
+            None
+        }
+    }
+}
+
+fn positive_duration(pr: &mut Problems, at: Vec<Seg>, s: &Option<String>) -> Option<Duration> {
+    let d = duration(pr, at.clone(), s)?;
+    if d.is_zero() {
+        pr.push(at, "must be greater than zero");
+        return None;
+    }
+    Some(d)
+}
+
+/// Parses durations such as `250ms`, `10s`, `1m30s`, `1.5s`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const HINT: &str = "not a duration (use a number and a unit: \"250ms\", \"10s\", \"1m30s\")";
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(HINT.to_string());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{HINT}: a unit is missing"))?;
+        if num_len == 0 {
+            return Err(HINT.to_string());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| HINT.to_string())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(HINT.to_string()),
+        };
+        rest = &rest[unit_len..];
+        total += n * scale;
+    }
+    if !total.is_finite() || total > 365.0 * 24.0 * 3600.0 {
+        return Err("longer than a year".to_string());
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Formats a duration the way the config file writes it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 && ms > 0 {
+        format!("{}s", ms / 1000)
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}us", d.as_micros())
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&format_duration(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::from_toml(text) {
+            Ok(cfg) => panic!("expected problems, got {cfg:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    fn has(problems: &[Problem], path: &str, line: usize, needle: &str) {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.path == path && p.line == Some(line) && p.message.contains(needle)),
+            "no problem at {path} line {line} containing {needle:?} in {problems:#?}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.outbound.listen, vec!["127.0.0.1:4140".parse().unwrap()]);
+        assert_eq!(cfg.inbound.listen, "0.0.0.0:4143".parse().unwrap());
+        assert_eq!(cfg.admin.listen, "127.0.0.1:9990".parse().unwrap());
+        assert_eq!(cfg.outbound.strip_suffixes, vec![".mesh".to_string()]);
+        assert_eq!(cfg.node.drain_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.defaults.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(cfg.node.cluster, "default");
+        assert!(!cfg.inbound.insecure_plaintext);
+        assert_eq!(cfg.log.format, LogFormat::Text);
+        assert_eq!(Config::defaults(), cfg);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = Config::from_toml(
+            r#"
+[node]
+name = "host-a"
+advertise_addr = "10.0.0.11"
+cluster = "prod"
+drain_timeout = "3s"
+
+[outbound]
+listen = ["127.0.0.1:4140", "[::1]:4140"]
+strip_suffixes = [".mesh", ".svc.local"]
+
+[inbound]
+listen = "0.0.0.0:4143"
+insecure_plaintext = true
+
+[admin]
+listen = "127.0.0.1:9990"
+
+[log]
+level = "meshd=debug,info"
+format = "json"
+
+[[discovery.static]]
+service = "users"
+endpoints = ["10.0.0.5:8080", "10.0.0.6:8080"]
+
+[[discovery.static]]
+service = "search"
+endpoints = ["[fd00::5]:50051"]
+protocol = "grpc"
+
+[defaults]
+timeout = "2s"
+
+[services.users]
+timeout = "250ms"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.node.name, "host-a");
+        assert_eq!(cfg.discovery.static_.len(), 2);
+        assert_eq!(cfg.discovery.static_[1].protocol, Protocol::Grpc);
+        assert_eq!(cfg.timeout_for("users"), Duration::from_millis(250));
+        assert_eq!(cfg.timeout_for("search"), Duration::from_secs(2));
+        assert_eq!(cfg.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_all_reported_with_lines() {
+        let ps = problems(
+            "[node]\nnmae = \"x\"\n\n[outbound]\nlisten = [\"127.0.0.1:1\"]\nlsten = 3\n[bogus]\na=1\n",
+        );
+        has(&ps, "node.nmae", 2, "unknown key");
+        has(&ps, "outbound.lsten", 6, "unknown key");
+        has(&ps, "bogus", 7, "unknown key");
+        assert_eq!(ps.len(), 3, "{ps:#?}");
+    }
+
+    #[test]
+    fn bad_duration_names_its_key() {
+        let ps = problems(
+            "[defaults]\ntimeout = \"10\"\n\n[services.users]\ntimeout = \"fast\"\n[node]\ndrain_timeout=\"0.5x\"\n",
+        );
+        has(&ps, "defaults.timeout", 2, "not a duration");
+        has(&ps, "services.users.timeout", 5, "not a duration");
+        has(&ps, "node.drain_timeout", 7, "not a duration");
+    }
+
+    #[test]
+    fn bad_address_names_its_key() {
+        let ps = problems(
+            "[admin]\nlisten = \"localhost:9990\"\n[outbound]\nlisten = [\"127.0.0.1:4140\", \"1.2.3.4\"]\n",
+        );
+        has(&ps, "admin.listen", 2, "not an IP:port");
+        has(&ps, "outbound.listen[1]", 4, "not an IP:port");
+    }
+
+    #[test]
+    fn two_listeners_on_one_port() {
+        let ps = problems("[admin]\nlisten = \"127.0.0.1:4140\"\n");
+        has(&ps, "admin.listen", 2, "same port as outbound.listen[0]");
+        // 0.0.0.0 overlaps every address on the same port.
+        let ps = problems("[inbound]\nlisten = \"0.0.0.0:9990\"\n");
+        assert!(
+            ps.iter()
+                .any(|p| p.path == "admin.listen"
+                    && p.message.contains("same port as inbound.listen")),
+            "{ps:#?}"
+        );
+    }
+
+    #[test]
+    fn empty_service_name_and_bad_endpoints() {
+        let ps = problems(
+            "[[discovery.static]]\nservice = \"\"\nendpoints = [\"10.0.0.1:80\"]\n\n[[discovery.static]]\nservice = \"users\"\nendpoints = [\"10.0.0.1\", \"host:80\", \"10.0.0.2:0\"]\nprotocol = \"spdy\"\n",
+        );
+        has(&ps, "discovery.static[0].service", 2, "empty");
+        has(&ps, "discovery.static[1].endpoints[0]", 7, "not an IP:port");
+        has(&ps, "discovery.static[1].endpoints[1]", 7, "not an IP:port");
+        has(&ps, "discovery.static[1].endpoints[2]", 7, "non-zero port");
+        has(&ps, "discovery.static[1].protocol", 8, "\"grpc\"");
+        assert_eq!(ps.len(), 5, "{ps:#?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let ps = problems(
+            "[node]\ndrain_timeout = \"soon\"\n[log]\nformat = \"xml\"\nlevel = \"[\"\n[services.\"10.0.0.1\"]\ntimeout = \"0s\"\n",
+        );
+        has(&ps, "node.drain_timeout", 2, "not a duration");
+        has(&ps, "log.format", 4, "\"json\"");
+        has(&ps, "log.level", 5, "not a log filter");
+        has(&ps, "services.10.0.0.1", 6, "IP address");
+        has(&ps, "services.10.0.0.1.timeout", 7, "greater than zero");
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_errors_have_lines() {
+        let ps = problems("[defaults]\ntimeout = 5\n");
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].path, "defaults.timeout");
+        assert_eq!(ps[0].line, Some(2));
+        assert!(ps[0].message.contains("string"), "{ps:?}");
+        let ps = problems("[node\nname = 1\n");
+        assert_eq!(ps[0].line, Some(1), "{ps:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "10", "s", "10 s", "1d", "-1s", "1..2s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::from_secs(10)), "10s");
+    }
+
+    #[test]
+    fn service_names() {
+        assert!(check_service_name("users").is_ok());
+        assert!(check_service_name("users.prod").is_ok());
+        assert!(check_service_name("10.1.2.3").is_err());
+        assert!(check_service_name("::1").is_err());
+        assert!(check_service_name("a..b").is_err());
+        assert!(check_service_name("-a").is_err());
+        assert!(check_service_name("a b").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! meshd: a service mesh agent for Docker hosts and bare VMs.
+//!
+//! # Layout
+//! - [`config`]: the TOML schema, defaults and validation (every problem at once, with key paths).
+//! - [`app`]: wiring — binds listeners, spawns subsystems, drains on shutdown.
+//! - [`discovery`]: this host's endpoint set (static entries for now).
+//! - [`routing`]: the merged service → endpoints table; its sole writer publishes `watch` snapshots.
+//! - [`proxy`]: outbound (from local apps) and inbound (from peer agents) HTTP/1.1, h2 and gRPC proxying.
+//! - [`admin`]: the admin API — health, readiness, metrics, services and config views.
+//! - [`telemetry`]: the metrics registry and logging.
+//! - [`shutdown`]: signals and the two-phase stop.
+//!
+//! Data flows one way: discovery → routing table → proxy.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod discovery;
+pub mod proxy;
+pub mod routing;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,213 @@
+//! The `meshd` command: parses the command line, then hands over to `meshd::app`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshd::config::{self, Config, EXIT_CONFIG, RawConfig, RawStatic};
+
+const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "A service mesh agent for Docker hosts and bare VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Run a one-node mesh on loopback with built-in defaults, for a first try.
+    Dev {
+        /// A static service: NAME=ADDR[,ADDR...], optionally PROTO://ADDR with proto http, h2c or grpc.
+        /// Repeatable.
+        #[arg(long = "service", short = 's', value_name = "NAME=ADDR")]
+        services: Vec<String>,
+        /// Where local apps send requests.
+        #[arg(long, default_value = config::DEFAULT_OUTBOUND_LISTEN)]
+        listen: String,
+        /// The admin API and /metrics.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: String,
+        /// The inbound listener for peer agents (plaintext in dev).
+        #[arg(long, default_value = "127.0.0.1:4143")]
+        inbound: String,
+    },
+    /// Validate a config file: exit 0, or print every problem and exit 64.
+    CheckConfig {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Exit 0 when the agent's /ready answers 200 (a healthcheck for images without curl).
+    Health {
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => match load(&config) {
+            Ok(cfg) => run(cfg, None),
+            Err(code) => code,
+        },
+        Command::Dev {
+            services,
+            listen,
+            admin,
+            inbound,
+        } => match dev_config(&services, listen, admin, inbound) {
+            Ok(cfg) => {
+                let banner = dev_banner(&services);
+                run(cfg, Some(banner))
+            }
+            Err(msg) => {
+                eprintln!("meshd dev: {msg}");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+        },
+        Command::Health { admin } => health(admin),
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshd: cannot read config {}: {e}", path.display());
+            return Err(ExitCode::from(EXIT_CONFIG as u8));
+        }
+    };
+    Config::from_toml(&text).map_err(|errs| {
+        eprint!("meshd: {}: {errs}", path.display());
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn dev_config(
+    services: &[String],
+    listen: String,
+    admin: String,
+    inbound: String,
+) -> Result<Config, String> {
+    let mut raw = RawConfig::default();
+    raw.outbound.listen = Some(vec![listen]);
+    raw.admin.listen = Some(admin);
+    raw.inbound.listen = Some(inbound);
+    raw.inbound.insecure_plaintext = true;
+    raw.node.name = Some("dev".into());
+    for s in services {
+        let (name, rest) = s.split_once('=').ok_or_else(|| {
+            format!("--service {s:?}: expected NAME=ADDR, e.g. users=127.0.0.1:8080")
+        })?;
+        let (protocol, addrs) = match rest.split_once("://") {
+            Some((p, a)) => (Some(p.to_string()), a),
+            None => (None, rest),
+        };
+        raw.discovery.static_.push(RawStatic {
+            service: name.to_string(),
+            endpoints: addrs.split(',').map(str::to_string).collect(),
+            protocol,
+        });
+    }
+    raw.validate(None).map_err(|e| e.to_string())
+}
+
+fn dev_banner(services: &[String]) -> String {
+    let mut out = String::from("services:\n");
+    if services.is_empty() {
+        out.push_str("  (none: add some with --service NAME=ADDR)\n");
+    }
+    for s in services {
+        out.push_str(&format!("  {s}\n"));
+    }
+    out
+}
+
+fn run(cfg: Config, dev_banner: Option<String>) -> ExitCode {
+    meshd::telemetry::logging::init(&cfg.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let bound = match meshd::app::build(cfg).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("meshd: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(services) = dev_banner {
+            let out = bound.outbound[0];
+            let first = bound
+                .config
+                .discovery
+                .static_
+                .first()
+                .map(|s| s.service.clone())
+                .unwrap_or_else(|| "SERVICE".into());
+            println!(
+                "meshd dev: a one-node mesh is running\n  outbound  http://{out}   (apps send requests here)\n  inbound   {}   (peer agents; plaintext in dev)\n  admin     http://{}   (/ready, /metrics, /v1/services)\n{services}try:\n  curl -H 'Host: {first}' http://{out}/\n  curl -x http://{out} http://{first}/\nCtrl-C stops it.",
+                bound.inbound, bound.admin
+            );
+        }
+        match bound.run(meshd::shutdown::on_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshd: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn health(admin: SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let check = || -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(
+            format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    match check() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("meshd health: {admin}/ready is not 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("meshd health: cannot reach {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Request-smuggling guard for HTTP/1.1 client connections.
+//!
+//! hyper follows RFC 9112 §6.3 for a request carrying both `Transfer-Encoding` and `Content-Length`: it drops the
+//! length, reads the chunked body and closes the connection afterwards, but still hands the request on. A proxy
+//! should not forward such a request at all (upstreams disagree on which header wins). hyper removes the evidence
+//! before the service sees it, so this module watches the bytes hyper reads: it follows each request's framing
+//! (head, fixed-length or chunked body) and records one [`Verdict`] per request head, in order. The outbound
+//! service takes the verdicts in the same order, and answers 400 and closes the connection on a conflict.
+//!
+//! The tracker only reads; it never changes what hyper sees. On anything it cannot follow (an HTTP/2 preface, an
+//! oversized head, a framing error) it stops tracking: hyper rejects those requests itself.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest request head followed (hyper refuses larger ones with 431).
+const MAX_HEAD: usize = 64 * 1024 + 1024;
+/// The longest chunk-size line followed.
+const MAX_CHUNK_LINE: usize = 4096;
+/// hyper's limit is lower; parsing more lets the tracker stay in step with a head hyper will reject anyway.
+const MAX_HEADERS: usize = 128;
+
+/// What the tracker concluded about one request head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Both `Transfer-Encoding` and `Content-Length`: refuse with 400 and close.
+    ConflictingFraming,
+}
+
+/// Verdicts of one connection, shared between the I/O wrapper and the service.
+#[derive(Debug, Default)]
+pub struct Verdicts(Mutex<VecDeque<Verdict>>);
+
+impl Verdicts {
+    /// The verdict for the next request the service handles (`Ok` when the tracker stopped following).
+    pub fn next(&self) -> Verdict {
+        match self.0.lock() {
+            Ok(mut q) => q.pop_front().unwrap_or(Verdict::Ok),
+            Err(_) => Verdict::Ok,
+        }
+    }
+
+    fn push(&self, v: Verdict) {
+        if let Ok(mut q) = self.0.lock() {
+            q.push_back(v);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head(Vec<u8>),
+    Fixed(u64),
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    ChunkCrlf(u8),
+    /// After the last chunk: trailer lines until an empty one. Holds the length of the current line.
+    Trailers(usize),
+    Off,
+}
+
+/// Follows request framing over a byte stream.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    verdicts: Arc<Verdicts>,
+}
+
+impl Tracker {
+    pub fn new(verdicts: Arc<Verdicts>) -> Self {
+        Tracker {
+            state: State::Head(Vec::new()),
+            verdicts,
+        }
+    }
+
+    /// Feeds the next bytes read from the client.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Head(buf) => {
+                    let search_from = buf.len().saturating_sub(3);
+                    let take = data.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
+                    buf.extend_from_slice(&data[..take]);
+                    match find(&buf[search_from..], b"\r\n\r\n") {
+                        Some(pos) => {
+                            let end = search_from + pos + 4;
+                            let consumed_from_data = take - (buf.len() - end);
+                            let head = std::mem::take(buf);
+                            self.state = self.on_head(&head[..end]);
+                            data = &data[consumed_from_data..];
+                        }
+                        None if buf.len() > MAX_HEAD => self.state = State::Off,
+                        None => return,
+                    }
+                }
+                State::Fixed(left) => {
+                    let n = (*left).min(data.len() as u64);
+                    *left -= n;
+                    data = &data[n as usize..];
+                    if *left == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::ChunkSize(line) => match data.iter().position(|&b| b == b'\n') {
+                    Some(pos) => {
+                        line.extend_from_slice(&data[..pos]);
+                        data = &data[pos + 1..];
+                        self.state = match chunk_size(line) {
+                            Some(0) => State::Trailers(0),
+                            Some(n) => State::ChunkData(n),
+                            None => State::Off,
+                        };
+                    }
+                    None => {
+                        line.extend_from_slice(data);
+                        if line.len() > MAX_CHUNK_LINE {
+                            self.state = State::Off;
+                        }
+                        return;
+                    }
+                },
+                State::ChunkData(left) => {
+                    let n = (*left).min(data.len() as u64);
+                    *left -= n;
+                    data = &data[n as usize..];
+                    if *left == 0 {
+                        self.state = State::ChunkCrlf(2);
+                    }
+                }
+                State::ChunkCrlf(left) => {
+                    let expected: &[u8] = if *left == 2 { b"\r" } else { b"\n" };
+                    if data[0] != expected[0] {
+                        self.state = State::Off;
+                        return;
+                    }
+                    data = &data[1..];
+                    *left -= 1;
+                    if *left == 0 {
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                }
+                State::Trailers(line_len) => {
+                    let b = data[0];
+                    data = &data[1..];
+                    match b {
+                        b'\n' if *line_len == 0 => self.state = State::Head(Vec::new()),
+                        b'\n' => *line_len = 0,
+                        b'\r' => {}
+                        _ => {
+                            *line_len += 1;
+                            if *line_len > MAX_HEAD {
+                                self.state = State::Off;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_head(&self, head: &[u8]) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return State::Off,
+        }
+        if req.method == Some("PRI") || req.method == Some("CONNECT") {
+            return State::Off;
+        }
+        let mut content_length: Option<u64> = None;
+        let mut te = false;
+        let mut chunked = false;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    Some(n) => content_length = Some(n),
+                    None => return State::Off,
+                }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if te && content_length.is_some() {
+            self.verdicts.push(Verdict::ConflictingFraming);
+            // hyper closes the connection after this request: nothing more to follow.
+            return State::Off;
+        }
+        self.verdicts.push(Verdict::Ok);
+        if upgrade || (te && !chunked) {
+            State::Off
+        } else if chunked {
+            State::ChunkSize(Vec::new())
+        } else {
+            match content_length {
+                Some(n) if n > 0 => State::Fixed(n),
+                _ => State::Head(Vec::new()),
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let hex = line.split(|&b| b == b';').next()?.trim_ascii();
+    if hex.is_empty() || hex.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+pin_project_lite::pin_project! {
+    /// A client stream whose incoming bytes are fed to a [`Tracker`].
+    pub struct Guarded<S> {
+        #[pin]
+        inner: S,
+        tracker: Tracker,
+    }
+}
+
+impl<S> Guarded<S> {
+    pub fn new(inner: S, verdicts: Arc<Verdicts>) -> Self {
+        Guarded {
+            inner,
+            tracker: Tracker::new(verdicts),
+        }
+    }
+
+    /// A stream that follows nothing (HTTP/2-only listeners).
+    pub fn disabled(inner: S) -> Self {
+        Guarded {
+            inner,
+            tracker: Tracker {
+                state: State::Off,
+                verdicts: Arc::default(),
+            },
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            this.tracker.feed(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(chunks: &[&[u8]]) -> Vec<Verdict> {
+        let v = Arc::new(Verdicts::default());
+        let mut t = Tracker::new(v.clone());
+        for c in chunks {
+            t.feed(c);
+        }
+        let q = v.0.lock().unwrap();
+        q.iter().copied().collect()
+    }
+
+    #[test]
+    fn follows_keep_alive_requests() {
+        let stream = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET /d HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            run(&[stream]),
+            vec![
+                Verdict::Ok,
+                Verdict::Ok,
+                Verdict::Ok,
+                Verdict::ConflictingFraming
+            ]
+        );
+        // Byte by byte gives the same answer.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(run(&bytes).len(), 4);
+        assert_eq!(run(&bytes)[3], Verdict::ConflictingFraming);
+    }
+
+    #[test]
+    fn body_bytes_that_look_like_headers_are_not_heads() {
+        let body = b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        stream.extend_from_slice(body);
+        assert_eq!(run(&[&stream]), vec![Verdict::Ok]);
+    }
+
+    #[test]
+    fn stops_on_h2_preface_and_garbage() {
+        assert!(run(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).is_empty());
+        assert!(run(&[b"\x00\x01garbage\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).is_empty());
+        let huge = vec![b'a'; MAX_HEAD * 2];
+        assert!(run(&[b"GET / HTTP/1.1\r\nX: ", &huge]).is_empty());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a\r"), Some(26));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        assert_eq!(chunk_size(b"zz\r"), None);
+        assert_eq!(chunk_size(b"\r"), None);
+    }
+}

@@ -1,0 +1,122 @@
+//! Header rewriting shared by both directions: hop-by-hop stripping, `X-Forwarded-For`, request ids.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+pub const MESH_SERVICE: HeaderName = HeaderName::from_static("mesh-service");
+pub const MESH_ENDPOINT: HeaderName = HeaderName::from_static("mesh-endpoint");
+pub const MESH_ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
+pub const MESH_REQUEST_ID: HeaderName = HeaderName::from_static("mesh-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including every header the `Connection` header names.
+/// `TE: trailers` survives on requests: gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        // Never let `Connection` remove end-to-end headers meshd itself relies on.
+        if name != MESH_SERVICE && name != MESH_REQUEST_ID {
+            headers.remove(name);
+        }
+    }
+    let keep_te = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if keep_te {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Appends the client's address to `X-Forwarded-For`.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    headers.remove(&X_FORWARDED_FOR);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Makes sure the request carries a `mesh-request-id`, generating one when absent.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(&MESH_REQUEST_ID) {
+        return;
+    }
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(MESH_REQUEST_ID, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
+    }
+
+    #[test]
+    fn request_id_generated_once() {
+        let mut h = HeaderMap::new();
+        ensure_request_id(&mut h);
+        let id = h[MESH_REQUEST_ID].clone();
+        assert_eq!(id.len(), 32);
+        ensure_request_id(&mut h);
+        assert_eq!(h[MESH_REQUEST_ID], id);
+    }
+}

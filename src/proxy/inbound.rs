@@ -1,0 +1,156 @@
+//! The inbound proxy: requests from peer agents for endpoints on this host.
+//!
+//! A peer names the service (`mesh-service`), the endpoint it chose (`mesh-endpoint`) and the protocol to use
+//! toward the container (`mesh-orig-proto`). The request is forwarded only when this host's own discovery lists
+//! that endpoint for that service; anything else is refused with 403 `forbidden` and counted. This stops the
+//! inbound port from being used as an open proxy into the host's networks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, Request, Response, Uri, Version, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use super::client::Clients;
+use super::errors::{MeshError, error_response};
+use super::headers::{
+    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, strip_hop_by_hop,
+};
+use super::server::{ConnInfo, Handler};
+use super::{ProxyBody, is_grpc};
+use crate::config::Config;
+use crate::routing::Table;
+use crate::telemetry::Direction;
+use crate::telemetry::metrics::ProxyMetrics;
+
+/// Shared state of the inbound proxy.
+pub struct Inbound {
+    pub config: Arc<Config>,
+    pub table: watch::Receiver<Arc<Table>>,
+    pub clients: Clients,
+    pub metrics: ProxyMetrics,
+}
+
+/// The inbound request handler; one clone per connection.
+#[derive(Clone)]
+pub struct InboundHandler(pub Arc<Inbound>);
+
+impl Handler for InboundHandler {
+    fn handle(
+        self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        let this = self.0;
+        async move {
+            let start = Instant::now();
+            let grpc = is_grpc(&req);
+            let (service, resp) = match this.proxy(req, &conn).await {
+                Ok((service, resp)) => (Some(service), resp.map(Either::Left)),
+                Err((service, error, detail)) => {
+                    this.metrics
+                        .errors
+                        .with_label_values(&[Direction::Inbound.as_str(), error.code()])
+                        .inc();
+                    tracing::debug!(peer = %conn.peer, error = error.code(), %detail, "inbound request refused");
+                    (service, error_response(error, grpc, &detail))
+                }
+            };
+            this.metrics.record(
+                Direction::Inbound,
+                service.as_deref().unwrap_or(""),
+                resp.status(),
+                start.elapsed(),
+            );
+            resp
+        }
+    }
+}
+
+type Refused = (Option<String>, MeshError, String);
+
+impl Inbound {
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<(String, Response<Incoming>), Refused> {
+        let forbidden = |why: String| (None, MeshError::Forbidden, why);
+        if req.version() != Version::HTTP_2 {
+            return Err(forbidden(
+                "the inbound port accepts only HTTP/2 from peer agents".into(),
+            ));
+        }
+        let (service, endpoint, version) = mesh_target(req.headers()).map_err(forbidden)?;
+        let table = self.table.borrow().clone();
+        if table.local_endpoint(&service, endpoint).is_none() {
+            return Err(forbidden(format!(
+                "{endpoint} is not an endpoint of service {service:?} on this node"
+            )));
+        }
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(MESH_ENDPOINT);
+        parts.headers.remove(MESH_ORIG_PROTO);
+        append_forwarded_for(&mut parts.headers, conn.peer.ip());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri: Uri = format!("http://{endpoint}{path}").parse().map_err(|_| {
+            (
+                Some(service.clone()),
+                MeshError::BadRequest,
+                "request path is not a valid URI".into(),
+            )
+        })?;
+        if version == Version::HTTP_11
+            && !parts.headers.contains_key(header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        let timeout = self.config.timeout_for(&service);
+        let mut resp = self
+            .clients
+            .send(Request::from_parts(parts, body), uri, version, timeout)
+            .await
+            .map_err(|(e, d)| {
+                (
+                    Some(service.clone()),
+                    e,
+                    format!("service {service:?}: {d}"),
+                )
+            })?;
+        strip_hop_by_hop(resp.headers_mut());
+        Ok((service, resp))
+    }
+}
+
+/// Reads the mesh headers a peer agent must send.
+fn mesh_target(h: &HeaderMap) -> Result<(String, SocketAddr, Version), String> {
+    let get = |name: &http::HeaderName| {
+        h.get(name).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+            format!("missing or unreadable {name} header: only peer agents may use this port")
+        })
+    };
+    let service = get(&MESH_SERVICE)?.to_ascii_lowercase();
+    let endpoint: SocketAddr = get(&MESH_ENDPOINT)?
+        .parse()
+        .map_err(|_| "mesh-endpoint is not an ip:port".to_string())?;
+    let version = match get(&MESH_ORIG_PROTO)? {
+        "HTTP/1.1" => Version::HTTP_11,
+        "HTTP/2" => Version::HTTP_2,
+        other => {
+            return Err(format!(
+                "mesh-orig-proto {other:?} is not HTTP/1.1 or HTTP/2"
+            ));
+        }
+    };
+    Ok((service, endpoint, version))
+}

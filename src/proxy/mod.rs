@@ -1,0 +1,37 @@
+//! The data path: the outbound listener for local apps, the inbound listener for peer agents, upstream
+//! connection pools and meshd's own error responses.
+//!
+//! Reads the routing table (`watch` snapshots) and the config; never writes the table.
+
+pub mod client;
+pub mod errors;
+pub mod framing;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod server;
+
+use bytes::Bytes;
+use http::{Request, Version, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// Body of every response the proxy sends: a forwarded upstream body, or meshd's own short one.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Whether a request is gRPC (its errors then travel as `grpc-status`).
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The `mesh-orig-proto` spelling of an HTTP version.
+pub fn proto_name(v: Version) -> &'static str {
+    if v == Version::HTTP_2 {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    }
+}
