@@ -87,7 +87,9 @@ impl Bound {
             inbound_listener,
             admin_listener,
             router,
-            ..
+            outbound: outbound_addrs,
+            inbound: inbound_addr,
+            admin: admin_addr,
         } = self;
         let stop_router = CancellationToken::new();
         let stop_proxies = CancellationToken::new();
@@ -178,6 +180,11 @@ impl Bound {
             },
             stop_admin.clone(),
         ));
+        for l in &outbound_addrs {
+            tracing::info!(direction = "outbound", addr = %l, "listening");
+        }
+        tracing::info!(direction = "inbound", addr = %inbound_addr, "listening");
+        tracing::info!(direction = "admin", addr = %admin_addr, "listening");
         tracing::info!(node = %config.node.name, "meshd is serving");
 
         shutdown.await;

@@ -1,0 +1,466 @@
+//! Test support: real backends (HTTP/1.1 + h2c on one port, and gRPC through tonic), agents started in-process
+//! on loopback port 0, and HTTP clients.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshd::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gRPC messages (hand-written prost types: no protoc needed).
+// ---------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EchoRequest {
+    #[prost(string, tag = "1")]
+    pub message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EchoReply {
+    #[prost(string, tag = "1")]
+    pub message: String,
+    #[prost(string, tag = "2")]
+    pub backend: String,
+}
+
+pub const GRPC_UNARY: &str = "/test.Echo/Unary";
+pub const GRPC_STREAM: &str = "/test.Echo/Stream";
+pub const GRPC_FAIL: &str = "/test.Echo/Fail";
+pub const GRPC_SLOW: &str = "/test.Echo/Slow";
+
+// ---------------------------------------------------------------------------------------------------------
+// Backend.
+// ---------------------------------------------------------------------------------------------------------
+
+/// A real HTTP backend on 127.0.0.1:0 speaking HTTP/1.1, h2c (prior knowledge) and gRPC on one port.
+///
+/// Routes: `/echo` streams the request body back; `/slow?ms=N` answers after N ms; `/status/N` answers N;
+/// the gRPC methods above; anything else answers 200 with the backend's name. Every response carries
+/// `x-backend` and `x-seen-*` headers describing the request as the backend saw it.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub requests: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
+    /// Most requests ever in flight at once.
+    pub max_in_flight: Arc<AtomicUsize>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub async fn backend(name: &str) -> Backend {
+    backend_on("127.0.0.1:0".parse().unwrap(), name).await
+}
+
+pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = oneshot::channel();
+    let (n, r, c) = (name.to_string(), requests.clone(), connections.clone());
+    let (mx, inf) = (max_in_flight.clone(), in_flight.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = &mut rx => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let (n, r, mx, inf) = (n.clone(), r.clone(), mx.clone(), inf.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                    mx.fetch_max(now, Ordering::SeqCst);
+                    let (n, inf) = (n.clone(), inf.clone());
+                    async move {
+                        let resp = handle(n, req).await;
+                        inf.fetch_sub(1, Ordering::SeqCst);
+                        resp
+                    }
+                });
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // Above meshd's own limit, so meshd's limit is what the tests see.
+                builder.http1().max_headers(200);
+                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Backend {
+        addr,
+        name: name.to_string(),
+        requests,
+        connections,
+        max_in_flight,
+        stop: Some(tx),
+    }
+}
+
+async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let seen: Vec<(String, String)> = {
+        let h = req.headers();
+        let get = |k: &str| {
+            h.get_all(k)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        vec![
+            ("x-backend".into(), name.clone()),
+            ("x-seen-version".into(), format!("{:?}", req.version())),
+            ("x-seen-host".into(), get("host")),
+            (
+                "x-seen-authority".into(),
+                req.uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "x-seen-path".into(),
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            ),
+            ("x-seen-mesh-service".into(), get("mesh-service")),
+            ("x-seen-mesh-endpoint".into(), get("mesh-endpoint")),
+            ("x-seen-mesh-orig-proto".into(), get("mesh-orig-proto")),
+            ("x-seen-request-id".into(), get("mesh-request-id")),
+            ("x-seen-xff".into(), get("x-forwarded-for")),
+            ("x-seen-connection".into(), get("connection")),
+            ("x-seen-x-hop".into(), get("x-hop")),
+            ("x-seen-keep-alive".into(), get("keep-alive")),
+            ("x-seen-te".into(), get("te")),
+            ("x-seen-expect".into(), get("expect")),
+        ]
+    };
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut resp = match path.as_str() {
+        GRPC_UNARY | GRPC_STREAM | GRPC_FAIL | GRPC_SLOW => grpc(name.clone(), req).await,
+        "/echo" => Response::new(
+            req.into_body()
+                .map_err(|e| Box::new(e) as BoxError)
+                .boxed_unsync(),
+        ),
+        "/slow" => {
+            let ms: u64 = query
+                .strip_prefix("ms=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full(format!("slow {name}")))
+        }
+        p if p.starts_with("/status/") => {
+            let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
+            let mut r = Response::new(full(format!("status {code}")));
+            *r.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r
+        }
+        _ => Response::new(full(name.clone())),
+    };
+    for (k, v) in seen {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(&v),
+        ) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    // A hop-by-hop header the proxy must strip from responses.
+    resp.headers_mut()
+        .insert("keep-alive", http::HeaderValue::from_static("timeout=99"));
+    Ok(resp)
+}
+
+async fn grpc(name: String, req: Request<Incoming>) -> Response<TestBody> {
+    use tonic::{Status, Streaming};
+    let codec = tonic_prost::ProstCodec::<EchoReply, EchoRequest>::default();
+    let mut server = tonic::server::Grpc::new(codec);
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        GRPC_UNARY => {
+            let svc = tower::service_fn(move |r: tonic::Request<EchoRequest>| {
+                let name = name.clone();
+                async move {
+                    Ok::<_, Status>(tonic::Response::new(EchoReply {
+                        message: r.into_inner().message,
+                        backend: name,
+                    }))
+                }
+            });
+            server.unary(svc, req).await
+        }
+        GRPC_SLOW => {
+            let svc = tower::service_fn(move |r: tonic::Request<EchoRequest>| {
+                let name = name.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<_, Status>(tonic::Response::new(EchoReply {
+                        message: r.into_inner().message,
+                        backend: name,
+                    }))
+                }
+            });
+            server.unary(svc, req).await
+        }
+        GRPC_FAIL => {
+            let svc = tower::service_fn(move |_r: tonic::Request<EchoRequest>| async move {
+                Err::<tonic::Response<EchoReply>, _>(Status::not_found("no such thing"))
+            });
+            server.unary(svc, req).await
+        }
+        _ => {
+            let svc = tower::service_fn(move |r: tonic::Request<Streaming<EchoRequest>>| {
+                let name = name.clone();
+                async move {
+                    type Out =
+                        Pin<Box<dyn futures_util::Stream<Item = Result<EchoReply, Status>> + Send>>;
+                    let out: Out = Box::pin(r.into_inner().map(move |m| {
+                        m.map(|m| EchoReply {
+                            message: m.message.to_uppercase(),
+                            backend: name.clone(),
+                        })
+                    }));
+                    Ok::<_, Status>(tonic::Response::new(out))
+                }
+            });
+            server.streaming(svc, req).await
+        }
+    };
+    resp.map(|b| b.map_err(|s| Box::new(s) as BoxError).boxed_unsync())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Agents.
+// ---------------------------------------------------------------------------------------------------------
+
+/// An agent running in this process on loopback port 0.
+pub struct Agent {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub routing: meshd::routing::RoutingHandle,
+    pub table: tokio::sync::watch::Receiver<Arc<meshd::routing::Table>>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Agent {
+    /// Starts the graceful shutdown (returns at once).
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Shuts down and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.shutdown();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.outbound, path)
+    }
+}
+
+/// Config text for a test agent: loopback port-0 listeners, plus `extra` TOML appended.
+pub fn agent_config(ip: &str, extra: &str) -> String {
+    format!(
+        "[node]\nname = \"node-{ip}\"\ndrain_timeout = \"5s\"\n[outbound]\nlisten = [\"{ip}:0\"]\n[inbound]\nlisten = \"{ip}:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"{ip}:0\"\n{extra}"
+    )
+}
+
+pub async fn agent(extra: &str) -> Agent {
+    agent_at("127.0.0.1", extra).await
+}
+
+pub async fn agent_at(ip: &str, extra: &str) -> Agent {
+    let cfg = Config::from_toml(&agent_config(ip, extra)).unwrap_or_else(|e| panic!("{e}"));
+    start(cfg).await
+}
+
+pub async fn start(cfg: Config) -> Agent {
+    let bound = meshd::app::build(cfg).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let agent = Agent {
+        outbound: bound.outbound[0],
+        inbound: bound.inbound,
+        admin: bound.admin,
+        routing: bound.routing.clone(),
+        table: bound.table.clone(),
+        stop: Some(tx),
+        task: None,
+    };
+    let task = tokio::spawn(bound.run(async move {
+        let _ = rx.await;
+    }));
+    let agent = Agent {
+        task: Some(task),
+        ..agent
+    };
+    wait_ready(agent.admin).await;
+    agent
+}
+
+/// Polls `/ready` until it answers 200.
+pub async fn wait_ready(admin: SocketAddr) {
+    let client = h1_client();
+    for _ in 0..200 {
+        let req = Request::get(format!("http://{admin}/ready"))
+            .body(full(""))
+            .unwrap();
+        if let Ok(r) = client.request(req).await
+            && r.status() == StatusCode::OK
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("agent at {admin} never became ready");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Clients.
+// ---------------------------------------------------------------------------------------------------------
+
+pub fn h1_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, k: &str) -> &str {
+        self.headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+pub async fn read(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// GET `path` through the outbound listener with `Host: host` over HTTP/1.1.
+pub async fn get(agent: &Agent, host: &str, path: &str) -> Got {
+    let req = Request::get(agent.url(path))
+        .header("host", host)
+        .body(full(""))
+        .unwrap();
+    read(h1_client().request(req).await.unwrap()).await
+}
+
+/// A tonic gRPC client that dials `addr` but names `service` as its authority.
+pub async fn grpc_client(
+    addr: SocketAddr,
+    service: &str,
+) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .origin(format!("http://{service}").parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
+pub async fn grpc_unary(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    method: &'static str,
+    message: &str,
+) -> Result<EchoReply, tonic::Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+    client
+        .unary(
+            tonic::Request::new(EchoRequest {
+                message: message.into(),
+            }),
+            http::uri::PathAndQuery::from_static(method),
+            codec,
+        )
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Scrapes the agent's metrics.
+pub async fn metrics(agent: &Agent) -> String {
+    let req = Request::get(format!("http://{}/metrics", agent.admin))
+        .body(full(""))
+        .unwrap();
+    read(h1_client().request(req).await.unwrap()).await.body
+}
+
+/// The value of one sample line of a scrape (0 when absent).
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
