@@ -149,7 +149,7 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
                 })
                 .collect();
             json!({
-                "name": svc.name,
+                "name": &*svc.name,
                 "timeout": crate::config::format_duration(s.config.timeout_for(&svc.name)),
                 "endpoints": endpoints,
             })

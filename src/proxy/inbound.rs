@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, Request, Response, Uri, Version, header};
+use http::{HeaderMap, Request, Response, Version, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -86,28 +86,17 @@ impl Inbound {
         }
         let (service, endpoint, version) = mesh_target(req.headers()).map_err(forbidden)?;
         let table = self.table.borrow().clone();
-        if table.local_endpoint(&service, endpoint).is_none() {
+        let Some(local) = table.local_endpoint(&service, endpoint) else {
             return Err(forbidden(format!(
                 "{endpoint} is not an endpoint of service {service:?} on this node"
             )));
-        }
+        };
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(MESH_ENDPOINT);
         parts.headers.remove(MESH_ORIG_PROTO);
         append_forwarded_for(&mut parts.headers, conn.peer.ip());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri: Uri = format!("http://{endpoint}{path}").parse().map_err(|_| {
-            (
-                Some(service.clone()),
-                MeshError::BadRequest,
-                "request path is not a valid URI".into(),
-            )
-        })?;
+        let uri = super::upstream_uri(local.addr_authority.clone(), &parts.uri);
         if version == Version::HTTP_11
             && !parts.headers.contains_key(header::HOST)
             && let Some(a) = parts.uri.authority()

@@ -12,7 +12,8 @@ pub mod outbound;
 pub mod server;
 
 use bytes::Bytes;
-use http::{Request, Version, header};
+use http::uri::{Authority, PathAndQuery};
+use http::{Request, Uri, Version, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -34,4 +35,19 @@ pub fn proto_name(v: Version) -> &'static str {
     } else {
         "HTTP/1.1"
     }
+}
+
+/// `http://<next hop><original path and query>`, without formatting or re-parsing.
+pub fn upstream_uri(next_hop: Authority, original: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(next_hop);
+    parts.path_and_query = Some(
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts)
+        .unwrap_or_else(|_| unreachable!("scheme, authority and path are all set"))
 }

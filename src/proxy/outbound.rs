@@ -8,8 +8,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::borrow::Cow;
+
 use http::uri::Authority;
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, Version, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -84,7 +86,7 @@ impl Handler for OutboundHandler {
 
 /// Why a request was answered by meshd, and for which service (if one was resolved).
 struct Refusal {
-    service: Option<String>,
+    service: Option<Arc<str>>,
     error: MeshError,
     detail: String,
     /// Close the client connection after answering.
@@ -92,9 +94,9 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn new(service: Option<&str>, error: MeshError, detail: String) -> Self {
+    fn new(service: Option<&Arc<str>>, error: MeshError, detail: String) -> Self {
         Refusal {
-            service: service.map(str::to_string),
+            service: service.cloned(),
             error,
             detail,
             close: false,
@@ -107,7 +109,7 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
-    ) -> Result<(Option<String>, Response<Incoming>), Refusal> {
+    ) -> Result<(Option<Arc<str>>, Response<Incoming>), Refusal> {
         if req.version() < Version::HTTP_2 && conn.verdicts.next() == Verdict::ConflictingFraming {
             return Err(Refusal {
                 close: true,
@@ -142,15 +144,15 @@ impl Outbound {
                 format!("no service named {name:?} is known to this mesh"),
             )
         })?;
+        let name = &service.name;
         let endpoint = service.pick().ok_or_else(|| {
             Refusal::new(
-                Some(&name),
+                Some(name),
                 MeshError::NoEndpoints,
                 format!("service {name:?} has no routable endpoint"),
             )
         })?;
 
-        let orig_version = req.version();
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::EXPECT);
@@ -158,60 +160,49 @@ impl Outbound {
         parts.headers.remove(MESH_ORIG_PROTO);
         append_forwarded_for(&mut parts.headers, conn.peer.ip());
         ensure_request_id(&mut parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&name) {
-            parts.headers.insert(MESH_SERVICE, v);
-        }
+        parts
+            .headers
+            .insert(MESH_SERVICE, service.name_header.clone());
         if !parts.headers.contains_key(header::HOST)
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(header::HOST, v);
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
         let container_version = if endpoint.protocol.is_h2() {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        let (target, version) = match &endpoint.location {
-            Location::Local { .. } => (endpoint.addr, container_version),
-            Location::Remote { inbound, .. } => {
+        let version = match &endpoint.location {
+            Location::Local { .. } => container_version,
+            Location::Remote { .. } => {
                 parts
                     .headers
-                    .insert(MESH_ENDPOINT, header_value(&endpoint.addr.to_string()));
+                    .insert(MESH_ENDPOINT, endpoint.addr_header.clone());
                 parts.headers.insert(
                     MESH_ORIG_PROTO,
                     HeaderValue::from_static(proto_name(container_version)),
                 );
-                (*inbound, Version::HTTP_2)
+                Version::HTTP_2
             }
         };
-        let uri: Uri = format!("http://{target}{path}").parse().map_err(|_| {
-            Refusal::new(
-                Some(&name),
-                MeshError::BadRequest,
-                "request path is not a valid URI".into(),
-            )
-        })?;
-        let timeout = self.config.timeout_for(&name);
-        tracing::trace!(service = %name, endpoint = %endpoint.addr, via = %target, ?orig_version, "forwarding");
+        let uri = super::upstream_uri(endpoint.next_hop.clone(), &parts.uri);
+        let timeout = self.config.timeout_for(name);
+        tracing::trace!(service = %name, endpoint = %endpoint.addr, via = %endpoint.next_hop, "forwarding");
         let mut resp = self
             .clients
             .send(Request::from_parts(parts, body), uri, version, timeout)
             .await
             .map_err(|(error, detail)| {
-                Refusal::new(Some(&name), error, format!("service {name:?}: {detail}"))
+                Refusal::new(Some(name), error, format!("service {name:?}: {detail}"))
             })?;
         strip_hop_by_hop(resp.headers_mut());
-        Ok((Some(name), resp))
+        Ok((Some(name.clone()), resp))
     }
 
     /// Host → service name: lowercased, port and configured suffixes removed. Addresses are refused.
-    fn service_name(&self, host: &str) -> Result<String, Refusal> {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+    fn service_name<'h>(&self, host: &'h str) -> Result<Cow<'h, str>, Refusal> {
+        let host = host.trim_end_matches('.');
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if bare.parse::<IpAddr>().is_ok() {
             return Err(Refusal::new(
@@ -220,16 +211,23 @@ impl Outbound {
                 format!("{host} is an address; meshd routes only to service names"),
             ));
         }
-        let mut name = host.as_str();
+        let mut name: Cow<'h, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
         for suffix in &self.config.outbound.strip_suffixes {
-            if let Some(stripped) = name.strip_suffix(suffix.as_str())
-                && !stripped.is_empty()
+            if let Some(len) = name.strip_suffix(suffix.as_str()).map(str::len)
+                && len > 0
             {
-                name = stripped;
+                match &mut name {
+                    Cow::Borrowed(b) => *b = &b[..len],
+                    Cow::Owned(o) => o.truncate(len),
+                }
                 break;
             }
         }
-        Ok(name.to_string())
+        Ok(name)
     }
 }
 
@@ -240,8 +238,4 @@ fn request_authority(req: &Request<Incoming>) -> Option<Authority> {
     }
     let host = req.headers().get(header::HOST)?.to_str().ok()?;
     host.parse().ok()
-}
-
-fn header_value(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::HeaderValue;
+use http::uri::Authority;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +48,7 @@ pub struct EndpointSpec {
 }
 
 /// Where an endpoint lives.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
     /// On this host: the proxy connects to it directly.
     Local { source: Source },
@@ -55,13 +56,45 @@ pub enum Location {
     Remote { node: String, inbound: SocketAddr },
 }
 
-/// An endpoint in the published table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// An endpoint in the published table, with the forms the proxy needs precomputed once per table build
+/// rather than per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub weight: u32,
     pub location: Location,
+    /// `addr` as a URI authority and as a header value (`mesh-endpoint`).
+    pub addr_authority: Authority,
+    pub addr_header: HeaderValue,
+    /// Where requests for this endpoint are sent: `addr` itself, or the owning node's inbound listener.
+    pub next_hop: Authority,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, protocol: Protocol, weight: u32, location: Location) -> Self {
+        let next_hop = match &location {
+            Location::Local { .. } => addr,
+            Location::Remote { inbound, .. } => *inbound,
+        };
+        Endpoint {
+            addr,
+            protocol,
+            weight,
+            location,
+            addr_authority: authority(addr),
+            addr_header: HeaderValue::from_str(&addr.to_string())
+                .unwrap_or_else(|_| unreachable!("a socket address is a valid header value")),
+            next_hop: authority(next_hop),
+        }
+    }
+}
+
+fn authority(addr: SocketAddr) -> Authority {
+    match Authority::try_from(addr.to_string().as_str()) {
+        Ok(a) => a,
+        Err(_) => unreachable!("a socket address is a valid authority"),
+    }
 }
 
 impl Endpoint {
@@ -71,12 +104,13 @@ impl Endpoint {
 }
 
 /// A service and its endpoints.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Service {
-    pub name: String,
+    pub name: Arc<str>,
+    /// The name as a `mesh-service` header value.
+    pub name_header: HeaderValue,
     pub endpoints: Vec<Endpoint>,
     /// Round-robin cursor. The traffic-policy balancers replace this.
-    #[serde(skip)]
     next: AtomicUsize,
 }
 
@@ -92,7 +126,7 @@ impl Service {
 }
 
 /// An immutable snapshot of every known service.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Table {
     pub services: BTreeMap<String, Service>,
 }
@@ -186,12 +220,12 @@ impl Inputs {
                 if eps.iter().any(|e| e.addr == s.addr && e.is_local()) {
                     continue;
                 }
-                eps.push(Endpoint {
-                    addr: s.addr,
-                    protocol: s.protocol,
-                    weight: s.weight,
-                    location: Location::Local { source: *source },
-                });
+                eps.push(Endpoint::new(
+                    s.addr,
+                    s.protocol,
+                    s.weight,
+                    Location::Local { source: *source },
+                ));
             }
         }
         for (node, (inbound, specs)) in &self.remote {
@@ -199,15 +233,15 @@ impl Inputs {
                 services
                     .entry(s.service.clone())
                     .or_default()
-                    .push(Endpoint {
-                        addr: s.addr,
-                        protocol: s.protocol,
-                        weight: s.weight,
-                        location: Location::Remote {
+                    .push(Endpoint::new(
+                        s.addr,
+                        s.protocol,
+                        s.weight,
+                        Location::Remote {
                             node: node.clone(),
                             inbound: *inbound,
                         },
-                    });
+                    ));
             }
         }
         Table {
@@ -215,7 +249,10 @@ impl Inputs {
                 .into_iter()
                 .map(|(name, endpoints)| {
                     let svc = Service {
-                        name: name.clone(),
+                        name: Arc::from(name.as_str()),
+                        // Service names are validated (config) or come from discovery, which validates them too.
+                        name_header: HeaderValue::from_str(&name)
+                            .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                         endpoints,
                         next: AtomicUsize::new(0),
                     };
