@@ -207,3 +207,26 @@ async fn h2_streams_per_connection_are_capped() {
     assert_eq!(b.requests.load(Ordering::SeqCst), 150);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn silent_connection_is_closed() {
+    let (b, agent) = setup().await;
+    let mut s = TcpStream::connect(agent.outbound).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that never sends a byte is kept open: {r:?}"
+    );
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    let m = metrics(&agent).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    agent.stop().await;
+}

@@ -95,7 +95,7 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let builder = builder(versions);
+    let builder = Arc::new(builder(versions));
     let graceful = GracefulShutdown::new();
     // Fired when the drain deadline passes: connections still open are dropped.
     let force = CancellationToken::new();
@@ -119,21 +119,37 @@ pub async fn serve<H: Handler>(
             peer,
             verdicts: verdicts.clone(),
         });
-        let io = match versions {
-            Versions::Auto => TokioIo::new(Guarded::new(stream, verdicts)),
-            // No HTTP/1 framing to follow on an h2-only listener.
-            Versions::H2Only => TokioIo::new(Guarded::disabled(stream)),
-        };
         let handler = handler.clone();
         let svc = service_fn(move |req| {
             let fut = handler.clone().handle(req, info.clone());
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         });
-        let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
         let open = OpenConn::new(&metrics, direction);
-        let force = force.clone();
+        let (builder, watcher, force, shutdown) = (
+            builder.clone(),
+            graceful.watcher(),
+            force.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(
             async move {
+                // hyper's header timeout starts with the first byte; a client that connects and sends nothing
+                // would otherwise hold the connection forever.
+                let mut first = [0u8; 1];
+                tokio::select! {
+                    r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => match r {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return,
+                        Err(_) => return open.count_error("header-timeout"),
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+                let io = match versions {
+                    Versions::Auto => TokioIo::new(Guarded::new(stream, verdicts)),
+                    // No HTTP/1 framing to follow on an h2-only listener.
+                    Versions::H2Only => TokioIo::new(Guarded::disabled(stream)),
+                };
+                let conn = watcher.watch(builder.serve_connection(io, svc));
                 tokio::select! {
                     res = conn => open.finish(res),
                     _ = force.cancelled() => {}
@@ -185,11 +201,15 @@ impl OpenConn {
         if let Err(e) = result {
             let reason = classify(&*e);
             tracing::debug!(error = %e, reason, "client connection error");
-            self.metrics
-                .connection_errors
-                .with_label_values(&[self.direction.as_str(), reason])
-                .inc();
+            self.count_error(reason);
         }
+    }
+
+    fn count_error(&self, reason: &str) {
+        self.metrics
+            .connection_errors
+            .with_label_values(&[self.direction.as_str(), reason])
+            .inc();
     }
 }
 
