@@ -92,6 +92,22 @@ pub struct LogConfig {
 pub struct DiscoveryConfig {
     #[serde(rename = "static")]
     pub static_: Vec<StaticService>,
+    pub docker: DockerConfig,
+}
+
+/// `[discovery.docker]`: this host's containers, found through the Docker Engine API.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct DockerConfig {
+    /// Off by default: `meshd run` only talks to Docker when asked to.
+    pub enabled: bool,
+    /// Docker endpoint in `DOCKER_HOST` form (`unix:///var/run/docker.sock`, `tcp://127.0.0.1:2375`). When
+    /// unset, `DOCKER_HOST` from the environment, then the default socket.
+    pub host: Option<String>,
+    /// Expose containers without a `mesh.enable` label.
+    pub expose_by_default: bool,
+    /// When set, the label holding the name of the node that owns a container (e.g. `"mesh.node"`); containers
+    /// whose label names another node are left to that node. Used when several agents share one daemon.
+    pub node_label: Option<String>,
 }
 
 /// How meshd speaks to an endpoint.
@@ -237,6 +253,16 @@ pub struct RawLog {
 pub struct RawDiscovery {
     #[serde(rename = "static")]
     pub static_: Vec<RawStatic>,
+    pub docker: RawDocker,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDocker {
+    pub enabled: bool,
+    pub host: Option<String>,
+    pub expose_by_default: bool,
+    pub node_label: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -663,6 +689,33 @@ impl RawConfig {
             });
         }
 
+        // [discovery.docker]
+        let d = &self.discovery.docker;
+        if let Some(host) = &d.host
+            && !["unix://", "tcp://", "http://"]
+                .iter()
+                .any(|p| host.starts_with(p) && host.len() > p.len())
+        {
+            pr.push(
+                p!("discovery", "docker", "host"),
+                format!("{host:?}: use DOCKER_HOST form, e.g. \"unix:///var/run/docker.sock\" or \"tcp://127.0.0.1:2375\""),
+            );
+        }
+        if let Some(label) = &d.node_label
+            && (label.is_empty() || label.chars().any(|c| c.is_whitespace() || c == '='))
+        {
+            pr.push(
+                p!("discovery", "docker", "node_label"),
+                format!("{label:?}: a Docker label key such as \"mesh.node\""),
+            );
+        }
+        let docker = DockerConfig {
+            enabled: d.enabled,
+            host: d.host.clone(),
+            expose_by_default: d.expose_by_default,
+            node_label: d.node_label.clone(),
+        };
+
         // [defaults], [services.<name>]
         let timeout = positive_duration(&mut pr, p!("defaults", "timeout"), &self.defaults.timeout)
             .unwrap_or(DEFAULT_TIMEOUT);
@@ -698,7 +751,7 @@ impl RawConfig {
                 listen: admin_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_ADMIN_LISTEN)),
             },
             log: LogConfig { level, format },
-            discovery: DiscoveryConfig { static_ },
+            discovery: DiscoveryConfig { static_, docker },
             defaults: PolicyConfig { timeout },
             services,
         })
@@ -1036,6 +1089,23 @@ timeout = "250ms"
         assert!(ps[0].message.contains("string"), "{ps:?}");
         let ps = problems("[node\nname = 1\n");
         assert_eq!(ps[0].line, Some(1), "{ps:?}");
+    }
+
+    #[test]
+    fn docker_section() {
+        let cfg = Config::from_toml(
+            "[discovery.docker]\nenabled = true\nhost = \"unix:///run/docker.sock\"\nnode_label = \"mesh.node\"\n",
+        )
+        .unwrap();
+        assert!(cfg.discovery.docker.enabled);
+        assert_eq!(
+            cfg.discovery.docker.node_label.as_deref(),
+            Some("mesh.node")
+        );
+        let ps =
+            problems("[discovery.docker]\nhost = \"/var/run/docker.sock\"\nnode_label = \"\"\n");
+        has(&ps, "discovery.docker.host", 2, "DOCKER_HOST form");
+        has(&ps, "discovery.docker.node_label", 3, "label key");
     }
 
     #[test]
