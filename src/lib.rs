@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML schema, defaults and validation (every problem at once, with key paths).
 //! - [`app`]: wiring — binds listeners, spawns subsystems, drains on shutdown.
 //! - [`discovery`]: this host's endpoint set (static entries for now).
+//! - [`policy`]: pure traffic-policy state machines (balancers, breakers, budgets, limits, faults, routes).
 //! - [`routing`]: the merged service → endpoints table; its sole writer publishes `watch` snapshots.
 //! - [`proxy`]: outbound (from local apps) and inbound (from peer agents) HTTP/1.1, h2 and gRPC proxying.
 //! - [`admin`]: the admin API — health, readiness, metrics, services and config views.
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod discovery;
+pub mod policy;
 pub mod proxy;
 pub mod routing;
 pub mod shutdown;
