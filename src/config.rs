@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod policy;
+
+pub use policy::{RawPolicy, ServicePolicy};
+
 /// Default outbound listener: local apps send here.
 pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:4140";
 /// Default inbound listener: peer agents send here.
@@ -45,8 +49,10 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub discovery: DiscoveryConfig,
-    pub defaults: PolicyConfig,
-    pub services: BTreeMap<String, ServiceConfig>,
+    /// The policy of every service without its own `[services.<name>]` block.
+    pub defaults: ServicePolicy,
+    /// Services with their own block, each fully resolved against `[defaults]`.
+    pub services: BTreeMap<String, ServicePolicy>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -159,18 +165,6 @@ pub struct StaticService {
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct PolicyConfig {
-    #[serde(serialize_with = "ser_duration")]
-    pub timeout: Duration,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ServiceConfig {
-    #[serde(serialize_with = "ser_opt_duration")]
-    pub timeout: Option<Duration>,
-}
-
 impl Config {
     /// Parses and validates a TOML document. On failure every problem found is returned at once.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
@@ -186,12 +180,14 @@ impl Config {
         }
     }
 
+    /// The effective policy of `service`.
+    pub fn policy_for(&self, service: &str) -> &ServicePolicy {
+        self.services.get(service).unwrap_or(&self.defaults)
+    }
+
     /// The request timeout for `service`: its own, else `[defaults]`.
     pub fn timeout_for(&self, service: &str) -> Duration {
-        self.services
-            .get(service)
-            .and_then(|s| s.timeout)
-            .unwrap_or(self.defaults.timeout)
+        self.policy_for(service).timeout
     }
 }
 
@@ -209,7 +205,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub discovery: RawDiscovery,
     pub defaults: RawPolicy,
-    pub services: BTreeMap<String, RawService>,
+    pub services: BTreeMap<String, RawPolicy>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -271,18 +267,6 @@ pub struct RawStatic {
     pub service: String,
     pub endpoints: Vec<String>,
     pub protocol: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RawPolicy {
-    pub timeout: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct RawService {
-    pub timeout: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -717,20 +701,28 @@ impl RawConfig {
         };
 
         // [defaults], [services.<name>]
-        let timeout = positive_duration(&mut pr, p!("defaults", "timeout"), &self.defaults.timeout)
-            .unwrap_or(DEFAULT_TIMEOUT);
-        let mut services = BTreeMap::new();
+        policy::validate(&mut pr, &p!("defaults"), &self.defaults, true);
         for (name, svc) in &self.services {
             if let Err(why) = check_service_name(name) {
                 pr.push(p!("services", name), format!("{name:?}: {why}"));
             }
-            let timeout = positive_duration(&mut pr, p!("services", name, "timeout"), &svc.timeout);
-            services.insert(name.to_ascii_lowercase(), ServiceConfig { timeout });
+            policy::validate(&mut pr, &p!("services", name), svc, false);
         }
 
         if !pr.list.is_empty() {
             return Err(pr.finish(text));
         }
+        let defaults = policy::resolve(&self.defaults, None, DEFAULT_TIMEOUT);
+        let services = self
+            .services
+            .iter()
+            .map(|(name, svc)| {
+                (
+                    name.to_ascii_lowercase(),
+                    policy::resolve(&self.defaults, Some(svc), DEFAULT_TIMEOUT),
+                )
+            })
+            .collect();
         Ok(Config {
             node: NodeConfig {
                 name,
@@ -752,7 +744,7 @@ impl RawConfig {
             },
             log: LogConfig { level, format },
             discovery: DiscoveryConfig { static_, docker },
-            defaults: PolicyConfig { timeout },
+            defaults,
             services,
         })
     }
@@ -919,7 +911,10 @@ pub(crate) fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S
     s.serialize_str(&format_duration(*d))
 }
 
-fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_opt_duration<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_str(&format_duration(*d)),
         None => s.serialize_none(),
