@@ -74,10 +74,13 @@ impl Drop for ReadyToken {
 /// What the admin handlers read.
 #[derive(Clone)]
 pub struct AdminState {
-    pub config: Arc<Config>,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub reload: tokio::sync::mpsc::Sender<crate::reload::Request>,
     pub table: watch::Receiver<Arc<Table>>,
     pub metrics: Registry,
     pub readiness: Arc<Readiness>,
+    /// Docker discovery's state (`enabled: false` when it is off).
+    pub docker: watch::Receiver<crate::discovery::docker::Status>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -87,6 +90,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
         .route("/v1/config", get(config))
+        .route("/v1/reload", axum::routing::post(reload))
         .with_state(state)
 }
 
@@ -121,6 +125,8 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn services(State(s): State<AdminState>) -> Json<Value> {
     let table = s.table.borrow().clone();
+    let config = s.config.borrow().clone();
+    let now = std::time::Instant::now();
     let services: Vec<Value> = table
         .services
         .values()
@@ -131,7 +137,7 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
                 .map(|e| {
                     let (node, source, via) = match &e.location {
                         Location::Local { source } => {
-                            (s.config.node.name.clone(), source.as_str(), None)
+                            (config.node.name.clone(), source.as_str(), None)
                         }
                         Location::Remote { node, inbound } => {
                             (node.clone(), "gossip", Some(inbound.to_string()))
@@ -145,23 +151,59 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
                         "local": e.is_local(),
                         "source": source,
                         "via": via,
+                        "ewma_latency_ms": e.state.latency(now).as_secs_f64() * 1000.0,
+                        "pending": e.state.pending(),
+                        "breaker": e.state.breaker_state(now).as_str(),
                     })
                 })
                 .collect();
+            let policy = config.policy_for(&svc.name);
             json!({
                 "name": &*svc.name,
-                "timeout": crate::config::format_duration(s.config.timeout_for(&svc.name)),
+                "timeout": crate::config::format_duration(policy.timeout),
+                "load_balancer": policy.load_balancer,
                 "endpoints": endpoints,
             })
         })
         .collect();
-    Json(json!({ "node": s.config.node.name, "services": services }))
+    let docker = s.docker.borrow().clone();
+    Json(json!({
+        "node": config.node.name,
+        "discovery": { "docker": docker },
+        "services": services,
+    }))
 }
 
 async fn config(State(s): State<AdminState>) -> Json<Value> {
-    let mut v = serde_json::to_value(&*s.config).unwrap_or(Value::Null);
+    let config = s.config.borrow().clone();
+    let mut v = serde_json::to_value(&*config).unwrap_or(Value::Null);
     redact(&mut v);
     Json(v)
+}
+
+/// `POST /v1/reload`: the same as SIGHUP. 200 when applied, 400 with the problems when refused.
+async fn reload(State(s): State<AdminState>) -> (StatusCode, Json<Value>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if s.reload.send(tx).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "refused", "problems": "shutting down"})),
+        );
+    }
+    match rx.await {
+        Ok(Ok(summary)) => (
+            StatusCode::OK,
+            Json(json!({"status": "reloaded", "summary": summary})),
+        ),
+        Ok(Err(problems)) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"status": "refused", "problems": problems})),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "refused", "problems": "shutting down"})),
+        ),
+    }
 }
 
 /// Replaces the value of every secret-named key with `"<redacted>"`.

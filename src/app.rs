@@ -3,30 +3,33 @@
 //!
 //! `build` returns a [`Bound`] with the real listener addresses, so tests bind port 0 and read them back.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::config::Config;
-use crate::discovery::static_file;
+use crate::discovery::docker;
 use crate::proxy::client::Clients;
 use crate::proxy::inbound::{Inbound, InboundHandler};
 use crate::proxy::outbound::{Outbound, OutboundHandler};
 use crate::proxy::server::{self, Versions};
-use crate::routing::{Router, RoutingHandle, Source, Table, Update};
+use crate::reload;
+use crate::routing::{Router, RoutingHandle, Source, Table};
 use crate::telemetry::{Direction, Registry};
 
 /// An agent whose listeners are bound but not yet serving.
 pub struct Bound {
     pub config: Arc<Config>,
+    /// The file `POST /v1/reload` and SIGHUP re-read; `None` (e.g. `meshd dev`) refuses reloads.
+    pub config_path: Option<PathBuf>,
     /// Actual outbound addresses, in `outbound.listen` order.
     pub outbound: Vec<SocketAddr>,
     pub inbound: SocketAddr,
@@ -64,6 +67,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         inbound: inbound_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
         config: Arc::new(config),
+        config_path: None,
         routing,
         table,
         metrics: Registry::new(),
@@ -75,11 +79,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 }
 
 impl Bound {
+    /// Names the file that reloads re-read.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, drains in-flight requests for at most
     /// `node.drain_timeout`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Bound {
             config,
+            config_path,
             routing,
             table,
             metrics,
@@ -97,7 +108,21 @@ impl Bound {
         let readiness = Readiness::new();
         let discovery_synced = readiness.token();
 
-        let router_task = tokio::spawn(router.run(stop_router.clone()));
+        let router_task = tokio::spawn(
+            router
+                .with_breaker_gauge(metrics.policy.breaker_open.clone())
+                .run(stop_router.clone()),
+        );
+        let (config_tx, config_rx) = watch::channel(config.clone());
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        let reloader = tokio::spawn(reload::run(
+            config_path,
+            reload_rx,
+            config_tx,
+            routing.clone(),
+            metrics.config_reload_failures.clone(),
+            stop_router.clone(),
+        ));
         let table_watch = {
             let mut table = table.clone();
             let gauge = metrics.discovery.endpoints.clone();
@@ -116,13 +141,18 @@ impl Bound {
             })
         };
 
+        // Docker discovery, when enabled, follows the daemon on its own; /ready waits for its first sync.
+        let (docker_task, docker_status) = docker::spawn(
+            &config,
+            routing.clone(),
+            table.clone(),
+            metrics.discovery.clone(),
+            readiness.token(),
+            stop_router.clone(),
+        );
+
         // Static discovery and declared services are known at once.
-        let declared: BTreeSet<String> = config.services.keys().cloned().collect();
-        routing.update(Update::SetDeclared { services: declared });
-        routing.update(Update::SetLocal {
-            source: Source::Static,
-            endpoints: static_file::endpoints(&config.discovery.static_),
-        });
+        reload::apply_to_routing(&config, &routing);
         let mut synced = table.clone();
         let expect_static = !config.discovery.static_.is_empty() || !config.services.is_empty();
         if expect_static {
@@ -135,10 +165,11 @@ impl Bound {
         let drain = config.node.drain_timeout;
         let mut proxies = JoinSet::new();
         let outbound = OutboundHandler(Arc::new(Outbound {
-            config: config.clone(),
+            config: config_rx.clone(),
             table: table.clone(),
             clients: clients.clone(),
             metrics: metrics.proxy.clone(),
+            policy_metrics: metrics.policy.clone(),
         }));
         for listener in outbound_listeners {
             proxies.spawn(server::serve(
@@ -161,7 +192,7 @@ impl Bound {
             Direction::Inbound,
             Versions::H2Only,
             InboundHandler(Arc::new(Inbound {
-                config: config.clone(),
+                config: config_rx.clone(),
                 table: table.clone(),
                 clients,
                 metrics: metrics.proxy.clone(),
@@ -173,10 +204,12 @@ impl Bound {
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             AdminState {
-                config: config.clone(),
+                config: config_rx.clone(),
+                reload: reload_tx,
                 table: table.clone(),
                 metrics: metrics.clone(),
                 readiness: readiness.clone(),
+                docker: docker_status,
             },
             stop_admin.clone(),
         ));
@@ -199,6 +232,10 @@ impl Bound {
         stop_router.cancel();
         let _ = admin_task.await;
         let _ = router_task.await;
+        let _ = reloader.await;
+        if let Some(t) = docker_task {
+            let _ = t.await;
+        }
         table_watch.abort();
         tracing::info!("meshd stopped");
         Ok(())

@@ -701,12 +701,22 @@ impl RawConfig {
         };
 
         // [defaults], [services.<name>]
-        policy::validate(&mut pr, &p!("defaults"), &self.defaults, true);
+        policy::validate(
+            &mut pr,
+            &[Seg::Key("defaults".into())],
+            &self.defaults,
+            true,
+        );
         for (name, svc) in &self.services {
             if let Err(why) = check_service_name(name) {
                 pr.push(p!("services", name), format!("{name:?}: {why}"));
             }
-            policy::validate(&mut pr, &p!("services", name), svc, false);
+            policy::validate(
+                &mut pr,
+                &[Seg::Key("services".into()), Seg::Key(name.clone())],
+                svc,
+                false,
+            );
         }
 
         if !pr.list.is_empty() {

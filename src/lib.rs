@@ -9,6 +9,7 @@
 //! - [`proxy`]: outbound (from local apps) and inbound (from peer agents) HTTP/1.1, h2 and gRPC proxying.
 //! - [`admin`]: the admin API — health, readiness, metrics, services and config views.
 //! - [`telemetry`]: the metrics registry and logging.
+//! - [`reload`]: SIGHUP and `POST /v1/reload`: re-read, validate, publish or refuse.
 //! - [`shutdown`]: signals and the two-phase stop.
 //!
 //! Data flows one way: discovery → routing table → proxy.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod discovery;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => match load(&config) {
-            Ok(cfg) => run(cfg, None),
+            Ok(cfg) => run(cfg, Some(config), None),
             Err(code) => code,
         },
         Command::Dev {
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         } => match dev_config(&services, listen, admin, inbound) {
             Ok(cfg) => {
                 let banner = dev_banner(&services);
-                run(cfg, Some(banner))
+                run(cfg, None, Some(banner))
             }
             Err(msg) => {
                 eprintln!("meshd dev: {msg}");
@@ -142,7 +142,7 @@ fn dev_banner(services: &[String]) -> String {
     out
 }
 
-fn run(cfg: Config, dev_banner: Option<String>) -> ExitCode {
+fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCode {
     meshd::telemetry::logging::init(&cfg.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -156,7 +156,10 @@ fn run(cfg: Config, dev_banner: Option<String>) -> ExitCode {
     };
     rt.block_on(async move {
         let bound = match meshd::app::build(cfg).await {
-            Ok(b) => b,
+            Ok(b) => match path {
+                Some(p) => b.with_config_path(p),
+                None => b,
+            },
             Err(e) => {
                 eprintln!("meshd: {e:#}");
                 return ExitCode::FAILURE;

@@ -65,7 +65,11 @@ async fn routes_by_host_absolute_uri_and_suffix() {
 #[tokio::test]
 async fn round_robin_over_static_endpoints() {
     let (a, b) = (backend("a").await, backend("b").await);
-    let agent = agent(&static_service("web", &[a.addr, b.addr], "http")).await;
+    let agent = agent(&format!(
+        "{}[defaults]\nload_balancer = \"round-robin\"\n",
+        static_service("web", &[a.addr, b.addr], "http")
+    ))
+    .await;
     let mut seen = std::collections::HashMap::new();
     for _ in 0..10 {
         let got = get(&agent, "web", "/").await;

@@ -476,14 +476,14 @@ pub(super) fn validate(pr: &mut Problems, base: &[Seg], raw: &RawPolicy, is_defa
         }
     }
     if let Some(rl) = &raw.rate_limit {
-        if !(rl.requests_per_second > 0.0) {
+        if rl.requests_per_second.is_nan() || rl.requests_per_second <= 0.0 {
             pr.push(
                 at(base, &["rate_limit", "requests_per_second"]),
                 "must be greater than zero",
             );
         }
         if let Some(b) = rl.burst
-            && !(b >= 1.0)
+            && (b.is_nan() || b < 1.0)
         {
             pr.push(at(base, &["rate_limit", "burst"]), "at least 1");
         }
@@ -705,7 +705,10 @@ mod tests {
             p.circuit_breaker.config.kind,
             BreakerKind::ConsecutiveFailures { failures: 5 }
         );
-        assert_eq!(p.circuit_breaker.config.backoff.max, Duration::from_secs(60));
+        assert_eq!(
+            p.circuit_breaker.config.backoff.max,
+            Duration::from_secs(60)
+        );
         assert!(p.circuit_breaker.failure_on.any_5xx);
         assert_eq!(p.circuit_breaker.failure_on.grpc, vec![14, 13, 2]);
         assert!(p.fault.is_none() && p.rate_limit.is_none() && p.split.is_empty());
@@ -747,11 +750,20 @@ routes = [{ match = { header = { "X-Canary" = "1" } }, service = "web-v2" }, { m
                 threshold: 0.9
             }
         );
-        assert_eq!(web.circuit_breaker.config.backoff.min, Duration::from_millis(500));
-        assert_eq!(web.fault.as_ref().unwrap().abort.as_ref().unwrap().percent, 1.5);
+        assert_eq!(
+            web.circuit_breaker.config.backoff.min,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            web.fault.as_ref().unwrap().abort.as_ref().unwrap().percent,
+            1.5
+        );
         assert_eq!(web.rate_limit.unwrap().burst, 100.0);
         assert_eq!(web.split[1].service, "web-v2");
-        assert_eq!(web.routes[0].headers, vec![("x-canary".to_string(), "1".to_string())]);
+        assert_eq!(
+            web.routes[0].headers,
+            vec![("x-canary".to_string(), "1".to_string())]
+        );
         let other = cfg.policy_for("other");
         assert_eq!(other.retry.max_attempts, 2);
         assert_eq!(

@@ -129,11 +129,19 @@ fn pick_among<C: Candidate>(
         .sum();
     if total == 0 {
         // Everything eligible has weight 0 (or nothing is eligible): fall back to the first eligible.
-        return eps.iter().enumerate().find(|(i, e)| ok(*i, e)).map(|(i, _)| i);
+        return eps
+            .iter()
+            .enumerate()
+            .find(|(i, e)| ok(*i, e))
+            .map(|(i, _)| i);
     }
     match lb {
         LoadBalancer::RoundRobin => {
-            let n = rr.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u64 % total;
+            // Multiplying the cursor by a number coprime to the total weight walks a permutation of the
+            // positions: every cycle of `total` picks honours the weights exactly, and endpoints interleave
+            // instead of taking their whole share in one run.
+            let cursor = rr.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u64 % total;
+            let n = (cursor as u128 * stride(total) as u128 % total as u128) as u64;
             weighted_at(eps, ok, n)
         }
         LoadBalancer::P2cEwma | LoadBalancer::LeastRequest => {
@@ -155,8 +163,24 @@ fn pick_among<C: Candidate>(
     }
 }
 
+/// A step near 0.618 × total that is coprime to total.
+fn stride(total: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let mut m = (total * 618 / 1000).max(1);
+    while gcd(m, total) != 1 {
+        m += 1;
+    }
+    m
+}
+
 /// The eligible endpoint covering position `n` of the cumulative weights.
-fn weighted_at<C: Candidate>(eps: &[C], ok: &dyn Fn(usize, &C) -> bool, mut n: u64) -> Option<usize> {
+fn weighted_at<C: Candidate>(
+    eps: &[C],
+    ok: &dyn Fn(usize, &C) -> bool,
+    mut n: u64,
+) -> Option<usize> {
     for (i, e) in eps.iter().enumerate() {
         if !ok(i, e) {
             continue;
@@ -208,7 +232,11 @@ mod tests {
         }
     }
 
-    const ALL: [LoadBalancer; 3] = [LoadBalancer::P2cEwma, LoadBalancer::RoundRobin, LoadBalancer::LeastRequest];
+    const ALL: [LoadBalancer; 3] = [
+        LoadBalancer::P2cEwma,
+        LoadBalancer::RoundRobin,
+        LoadBalancer::LeastRequest,
+    ];
 
     #[test]
     fn peak_ewma_takes_peaks_and_decays() {
@@ -242,6 +270,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn round_robin_interleaves() {
+        let now = Instant::now();
+        let eps = vec![ep(100, true, now), ep(100, true, now), ep(50, true, now)];
+        let mut rng = fastrand::Rng::with_seed(1);
+        let rr = AtomicUsize::new(0);
+        let picks: Vec<usize> = (0..250)
+            .map(|_| {
+                pick(
+                    LoadBalancer::RoundRobin,
+                    &eps,
+                    now,
+                    &mut rng,
+                    &rr,
+                    Tried::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        // Exact shares over a full cycle…
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 100);
+        assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 50);
+        // …and no endpoint takes more than a few picks in a row.
+        let longest = picks
+            .chunk_by(|a, b| a == b)
+            .map(|run| run.len())
+            .max()
+            .unwrap();
+        assert!(longest <= 3, "runs of {longest}: {picks:?}");
+    }
+
     /// A simulated run: a 10× slower endpoint loses its share under p2c-ewma.
     #[test]
     fn slow_endpoint_gets_under_ten_percent() {
@@ -265,7 +324,15 @@ mod tests {
                     true
                 }
             });
-            let idx = pick(LoadBalancer::P2cEwma, &eps, now, &mut rng, &rr, Tried::default()).unwrap();
+            let idx = pick(
+                LoadBalancer::P2cEwma,
+                &eps,
+                now,
+                &mut rng,
+                &rr,
+                Tried::default(),
+            )
+            .unwrap();
             eps[idx].pending += 1;
             in_flight.push((now + Duration::from_millis(latencies[idx]), idx));
             if i >= 2_000 {
@@ -273,7 +340,10 @@ mod tests {
             }
         }
         let share = counts[3] as f64 / counts.iter().sum::<u32>() as f64;
-        assert!(share < 0.10, "slow endpoint share {share:.3}, counts {counts:?}");
+        assert!(
+            share < 0.10,
+            "slow endpoint share {share:.3}, counts {counts:?}"
+        );
         assert!(counts[..3].iter().all(|&c| c > 4000), "{counts:?}");
     }
 

@@ -21,7 +21,11 @@ impl Backoff {
         let base = self.min.as_secs_f64() * 2f64.powi(n.min(62) as i32);
         let base = base.min(self.max.as_secs_f64());
         let jittered = base * (1.0 + self.jitter * r.clamp(0.0, 1.0));
-        Duration::from_secs_f64(jittered.min(self.max.as_secs_f64()).max(self.min.as_secs_f64()))
+        Duration::from_secs_f64(
+            jittered
+                .min(self.max.as_secs_f64())
+                .max(self.min.as_secs_f64()),
+        )
     }
 }
 
@@ -123,7 +127,9 @@ pub struct Breaker {
 #[derive(Clone, Copy, Debug)]
 enum Inner {
     Closed,
-    Open { until: Instant },
+    Open {
+        until: Instant,
+    },
     /// A probe was let through and has not reported yet.
     HalfOpen,
 }
@@ -171,7 +177,13 @@ impl Breaker {
     }
 
     /// Records the outcome of a request that `acquire` let through. `r` ∈ [0, 1) picks the backoff jitter.
-    pub fn record(&mut self, cfg: &BreakerConfig, now: Instant, ok: bool, r: f64) -> Option<Transition> {
+    pub fn record(
+        &mut self,
+        cfg: &BreakerConfig,
+        now: Instant,
+        ok: bool,
+        r: f64,
+    ) -> Option<Transition> {
         match self.state {
             Inner::HalfOpen => {
                 if ok {
@@ -205,7 +217,8 @@ impl Breaker {
                     self.window.record(idx, ok);
                     let (s, f) = self.window.totals(idx);
                     let total = s + f;
-                    if total >= *min_requests && total > 0 && (s as f64 / total as f64) < *threshold {
+                    if total >= *min_requests && total > 0 && (s as f64 / total as f64) < *threshold
+                    {
                         self.open(cfg, now, r)
                     } else {
                         None

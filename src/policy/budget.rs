@@ -71,7 +71,8 @@ impl RetryBudget {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.reserve = (self.reserve + elapsed * cfg.min_per_second).min(cfg.min_per_second.max(1.0));
+        self.reserve =
+            (self.reserve + elapsed * cfg.min_per_second).min(cfg.min_per_second.max(1.0));
         self.refilled = now;
         if self.reserve >= 1.0 {
             self.reserve -= 1.0;

@@ -96,9 +96,15 @@ mod tests {
     #[test]
     fn percentages() {
         let h = HeaderMap::new();
-        assert_eq!(decide(&cfg(false), &h, 0.099, 0.5).delay, Some(Duration::from_millis(50)));
+        assert_eq!(
+            decide(&cfg(false), &h, 0.099, 0.5).delay,
+            Some(Duration::from_millis(50))
+        );
         assert_eq!(decide(&cfg(false), &h, 0.10, 0.5).delay, None);
-        assert_eq!(decide(&cfg(false), &h, 0.5, 0.249).abort, Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(
+            decide(&cfg(false), &h, 0.5, 0.249).abort,
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
         assert_eq!(decide(&cfg(false), &h, 0.5, 0.25).abort, None);
     }
 
@@ -112,6 +118,10 @@ mod tests {
         assert_eq!(d.abort, Some(StatusCode::GATEWAY_TIMEOUT));
         assert_eq!(decide(&cfg(false), &h, 0.99, 0.99), Decision::default());
         h.insert(MESH_FAULT_ABORT, "200".parse().unwrap());
-        assert_eq!(decide(&cfg(true), &h, 0.99, 0.99).abort, None, "only error statuses");
+        assert_eq!(
+            decide(&cfg(true), &h, 0.99, 0.99).abort,
+            None,
+            "only error statuses"
+        );
     }
 }

@@ -32,7 +32,9 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else if cfg.requests_per_second > 0.0 {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / cfg.requests_per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / cfg.requests_per_second,
+            ))
         } else {
             Err(Duration::from_secs(60))
         }
@@ -58,7 +60,10 @@ mod tests {
         let wait = b.try_acquire(&cfg, t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(100));
         assert!(b.try_acquire(&cfg, t0 + Duration::from_millis(100)).is_ok());
-        assert!(b.try_acquire(&cfg, t0 + Duration::from_millis(100)).is_err());
+        assert!(
+            b.try_acquire(&cfg, t0 + Duration::from_millis(100))
+                .is_err()
+        );
     }
 
     proptest! {

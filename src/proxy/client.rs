@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::uri::Authority;
 use http::{Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -15,7 +18,40 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per endpoint.
 const POOL_MAX_IDLE_PER_HOST: usize = 64;
 
-type Pool = Client<HttpConnector, Incoming>;
+/// A request body on its way upstream: streamed from the client, or buffered so it can be sent again.
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
+
+type Pool = Client<HttpConnector, ReqBody>;
+
+/// Why an upstream request failed, as far as retries and breakers care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailKind {
+    /// No connection could be made: the request certainly never reached the application.
+    Connect,
+    /// The HTTP/2 server refused the stream before processing it (REFUSED_STREAM): also never processed.
+    RefusedStream,
+    /// No response headers in time.
+    Timeout,
+    /// The connection failed after the request was sent: it may have been processed.
+    Other,
+}
+
+/// A failed upstream request.
+#[derive(Debug)]
+pub struct SendError {
+    pub kind: FailKind,
+    pub detail: String,
+}
+
+impl SendError {
+    pub fn mesh_error(&self) -> MeshError {
+        match self.kind {
+            FailKind::Connect => MeshError::ConnectFailed,
+            FailKind::Timeout => MeshError::Timeout,
+            FailKind::RefusedStream | FailKind::Other => MeshError::UpstreamFailed,
+        }
+    }
+}
 
 /// The upstream connection pools.
 #[derive(Clone)]
@@ -53,42 +89,62 @@ impl Clients {
     /// Sends `req` to `uri` as `version`, waiting at most `timeout` for the response headers.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         uri: Uri,
         version: Version,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, (MeshError, String)> {
+    ) -> Result<Response<Incoming>, SendError> {
+        // Reference-counted: formatted only if an error needs it.
+        let target: Option<Authority> = uri.authority().cloned();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
-        let target = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
         let pool = if version == Version::HTTP_2 {
             &self.h2
         } else {
             &self.h1
         };
+        let target = || {
+            target
+                .as_ref()
+                .map(|a| a.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         match tokio::time::timeout(timeout, pool.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err((
-                MeshError::ConnectFailed,
-                format!("could not connect to {target}: {}", root_cause(&e)),
-            )),
-            Ok(Err(e)) => Err((
-                MeshError::UpstreamFailed,
-                format!("{target} failed before responding: {}", root_cause(&e)),
-            )),
-            Err(_) => Err((
-                MeshError::Timeout,
-                format!(
-                    "no response from {target} within {}",
+            Ok(Err(e)) if e.is_connect() => Err(SendError {
+                kind: FailKind::Connect,
+                detail: format!("could not connect to {}: {}", target(), root_cause(&e)),
+            }),
+            Ok(Err(e)) => Err(SendError {
+                kind: if refused_stream(&e) {
+                    FailKind::RefusedStream
+                } else {
+                    FailKind::Other
+                },
+                detail: format!("{} failed before responding: {}", target(), root_cause(&e)),
+            }),
+            Err(_) => Err(SendError {
+                kind: FailKind::Timeout,
+                detail: format!(
+                    "no response from {} within {}",
+                    target(),
                     crate::config::format_duration(timeout)
                 ),
-            )),
+            }),
         }
     }
+}
+
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

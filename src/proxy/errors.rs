@@ -28,6 +28,12 @@ pub enum MeshError {
     /// Refused by policy: CONNECT, an address instead of a service name, or (inbound) a request that is not
     /// from a peer agent for one of this host's own endpoints.
     Forbidden,
+    /// The service's rate limit on this agent is exhausted.
+    RateLimited,
+    /// A configured (or requested) fault, answered with this status.
+    FaultInjected(StatusCode),
+    /// Every endpoint's circuit breaker is open.
+    BreakerOpen,
 }
 
 impl MeshError {
@@ -40,6 +46,9 @@ impl MeshError {
             MeshError::UpstreamFailed => "upstream-failed",
             MeshError::Timeout => "timeout",
             MeshError::Forbidden => "forbidden",
+            MeshError::RateLimited => "rate-limited",
+            MeshError::FaultInjected(_) => "fault-injected",
+            MeshError::BreakerOpen => "breaker-open",
         }
     }
 
@@ -51,6 +60,9 @@ impl MeshError {
             MeshError::ConnectFailed | MeshError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::Forbidden => StatusCode::FORBIDDEN,
+            MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            MeshError::FaultInjected(s) => s,
+            MeshError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -60,9 +72,24 @@ impl MeshError {
             MeshError::BadRequest => 3, // INVALID_ARGUMENT
             MeshError::NoRoute => 12,   // UNIMPLEMENTED
             MeshError::NoEndpoints | MeshError::ConnectFailed | MeshError::UpstreamFailed => 14, // UNAVAILABLE
-            MeshError::Timeout => 4,   // DEADLINE_EXCEEDED
-            MeshError::Forbidden => 7, // PERMISSION_DENIED
+            MeshError::Timeout => 4,     // DEADLINE_EXCEEDED
+            MeshError::Forbidden => 7,   // PERMISSION_DENIED
+            MeshError::RateLimited => 8, // RESOURCE_EXHAUSTED
+            MeshError::BreakerOpen => 14,
+            MeshError::FaultInjected(s) => grpc_for_http(s),
         }
+    }
+}
+
+/// The gRPC code an HTTP status maps to (as the gRPC spec's HTTP-to-gRPC table).
+fn grpc_for_http(s: StatusCode) -> u8 {
+    match s.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
     }
 }
 

@@ -8,6 +8,8 @@ pub const MESH_SERVICE: HeaderName = HeaderName::from_static("mesh-service");
 pub const MESH_ENDPOINT: HeaderName = HeaderName::from_static("mesh-endpoint");
 pub const MESH_ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
 pub const MESH_REQUEST_ID: HeaderName = HeaderName::from_static("mesh-request-id");
+pub const MESH_DEADLINE: HeaderName = HeaderName::from_static("mesh-deadline");
+pub const MESH_RETRYABLE: HeaderName = HeaderName::from_static("mesh-retryable");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -76,6 +78,39 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     }
 }
 
+fn unix_ms_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Time left before the request's `mesh-deadline` (absolute unix milliseconds): `None` when absent or
+/// unreadable, zero when it has passed.
+pub fn read_deadline(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let at: u128 = headers
+        .get(&MESH_DEADLINE)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(
+        at.saturating_sub(unix_ms_now()).min(u64::MAX as u128) as u64,
+    ))
+}
+
+/// Sets `mesh-deadline` to `deadline`, so every later hop is bounded by the time left.
+pub fn write_deadline(headers: &mut HeaderMap, deadline: std::time::Instant) {
+    let left = deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .as_millis();
+    headers.insert(
+        MESH_DEADLINE,
+        HeaderValue::from(unix_ms_now().saturating_add(left) as u64),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +143,24 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
         append_forwarded_for(&mut h, "::1".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
+    }
+
+    #[test]
+    fn deadlines_round_trip() {
+        let mut h = HeaderMap::new();
+        assert_eq!(read_deadline(&h), None);
+        write_deadline(
+            &mut h,
+            std::time::Instant::now() + std::time::Duration::from_secs(5),
+        );
+        let left = read_deadline(&h).unwrap();
+        assert!(
+            left <= std::time::Duration::from_secs(5) && left > std::time::Duration::from_secs(4)
+        );
+        h.insert(MESH_DEADLINE, HeaderValue::from_static("1000"));
+        assert_eq!(read_deadline(&h), Some(std::time::Duration::ZERO));
+        h.insert(MESH_DEADLINE, HeaderValue::from_static("soon"));
+        assert_eq!(read_deadline(&h), None);
     }
 
     #[test]

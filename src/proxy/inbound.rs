@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use super::client::Clients;
 use super::errors::{MeshError, error_response};
 use super::headers::{
-    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, strip_hop_by_hop,
+    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, read_deadline,
+    strip_hop_by_hop,
 };
+use super::observe::Observed;
 use super::server::{ConnInfo, Handler};
 use super::{ProxyBody, is_grpc};
 use crate::config::Config;
@@ -28,7 +30,7 @@ use crate::telemetry::metrics::ProxyMetrics;
 
 /// Shared state of the inbound proxy.
 pub struct Inbound {
-    pub config: Arc<Config>,
+    pub config: watch::Receiver<Arc<Config>>,
     pub table: watch::Receiver<Arc<Table>>,
     pub clients: Clients,
     pub metrics: ProxyMetrics,
@@ -49,7 +51,10 @@ impl Handler for InboundHandler {
             let start = Instant::now();
             let grpc = is_grpc(&req);
             let (service, resp) = match this.proxy(req, &conn).await {
-                Ok((service, resp)) => (Some(service), resp.map(Either::Left)),
+                Ok((service, resp)) => (
+                    Some(service),
+                    resp.map(|b| Either::Left(Observed::new(b, None))),
+                ),
                 Err((service, error, detail)) => {
                     this.metrics
                         .errors
@@ -104,16 +109,32 @@ impl Inbound {
         {
             parts.headers.insert(header::HOST, v);
         }
-        let timeout = self.config.timeout_for(&service);
+        // The sender's deadline bounds this hop too.
+        let mut timeout = self.config.borrow().timeout_for(&service);
+        if let Some(left) = read_deadline(&parts.headers) {
+            if left.is_zero() {
+                return Err((
+                    Some(service.clone()),
+                    MeshError::Timeout,
+                    "the request's mesh-deadline has already passed".into(),
+                ));
+            }
+            timeout = timeout.min(left);
+        }
         let mut resp = self
             .clients
-            .send(Request::from_parts(parts, body), uri, version, timeout)
+            .send(
+                Request::from_parts(parts, Either::Left(body)),
+                uri,
+                version,
+                timeout,
+            )
             .await
-            .map_err(|(e, d)| {
+            .map_err(|e| {
                 (
                     Some(service.clone()),
-                    e,
-                    format!("service {service:?}: {d}"),
+                    e.mesh_error(),
+                    format!("service {service:?}: {}", e.detail),
                 )
             })?;
         strip_hop_by_hop(resp.headers_mut());

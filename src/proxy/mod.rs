@@ -8,6 +8,7 @@ pub mod errors;
 pub mod framing;
 pub mod headers;
 pub mod inbound;
+pub mod observe;
 pub mod outbound;
 pub mod server;
 
@@ -15,10 +16,9 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Uri, Version, header};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 /// Body of every response the proxy sends: a forwarded upstream body, or meshd's own short one.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<observe::Observed, Full<Bytes>>;
 
 /// Whether a request is gRPC (its errors then travel as `grpc-status`).
 pub fn is_grpc<B>(req: &Request<B>) -> bool {

@@ -4,11 +4,17 @@
 //! [`Router`] is the table's only writer. Discovery and membership send it typed [`Update`]s; after each one it
 //! builds a fresh immutable [`Table`] and publishes it on a `watch` channel. The proxy reads snapshots and never
 //! writes. Nothing here does I/O.
+//!
+//! Each endpoint and service carries runtime state that must outlive any one table — latency estimate,
+//! in-flight count and circuit breaker per endpoint; round-robin cursor, retry budget and rate limiter per
+//! service. The router keeps that state in a registry keyed by identity and hands the same `Arc`s to every
+//! table it builds, so churn elsewhere in the table or a config reload never resets an endpoint's statistics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use http::uri::Authority;
@@ -17,6 +23,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Protocol;
+use crate::policy::balance::{Candidate, PeakEwma};
+use crate::policy::breaker::{self, Breaker, BreakerConfig, Transition};
+use crate::policy::budget::{BudgetConfig, RetryBudget};
+use crate::policy::ratelimit::{RateLimitConfig, TokenBucket};
 
 /// Default relative weight of an endpoint.
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -58,7 +68,7 @@ pub enum Location {
 
 /// An endpoint in the published table, with the forms the proxy needs precomputed once per table build
 /// rather than per request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub protocol: Protocol,
@@ -69,10 +79,18 @@ pub struct Endpoint {
     pub addr_header: HeaderValue,
     /// Where requests for this endpoint are sent: `addr` itself, or the owning node's inbound listener.
     pub next_hop: Authority,
+    /// Latency, load and breaker, shared by every table that holds this endpoint.
+    pub state: Arc<EndpointState>,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, protocol: Protocol, weight: u32, location: Location) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        protocol: Protocol,
+        weight: u32,
+        location: Location,
+        state: Arc<EndpointState>,
+    ) -> Self {
         let next_hop = match &location {
             Location::Local { .. } => addr,
             Location::Remote { inbound, .. } => *inbound,
@@ -86,7 +104,130 @@ impl Endpoint {
             addr_header: HeaderValue::from_str(&addr.to_string())
                 .unwrap_or_else(|_| unreachable!("a socket address is a valid header value")),
             next_hop: authority(next_hop),
+            state,
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are plain numbers: a panic elsewhere cannot leave them unusable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runtime state of one endpoint. Locks are held for a few instructions, never across an await.
+#[derive(Debug)]
+pub struct EndpointState {
+    pending: AtomicU32,
+    ewma: Mutex<PeakEwma>,
+    breaker: Mutex<Breaker>,
+}
+
+impl EndpointState {
+    pub fn new(now: Instant) -> Self {
+        EndpointState {
+            pending: AtomicU32::new(0),
+            ewma: Mutex::new(PeakEwma::new(now)),
+            breaker: Mutex::new(Breaker::new(now)),
+        }
+    }
+
+    /// Marks a request as sent; the guard marks it answered when dropped.
+    pub fn start(self: &Arc<Self>) -> Pending {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Pending(self.clone())
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+        lock(&self.ewma).observe(rtt, now);
+    }
+
+    pub fn latency(&self, now: Instant) -> Duration {
+        lock(&self.ewma).estimate(now)
+    }
+
+    pub fn breaker_state(&self, now: Instant) -> breaker::State {
+        lock(&self.breaker).state(now)
+    }
+
+    pub fn breaker_acquire(&self, now: Instant) -> bool {
+        lock(&self.breaker).acquire(now)
+    }
+
+    pub fn breaker_release(&self, now: Instant) {
+        lock(&self.breaker).release_probe(now)
+    }
+
+    pub fn breaker_record(
+        &self,
+        cfg: &BreakerConfig,
+        now: Instant,
+        ok: bool,
+        r: f64,
+    ) -> Option<Transition> {
+        lock(&self.breaker).record(cfg, now, ok, r)
+    }
+}
+
+/// An in-flight request to an endpoint.
+#[derive(Debug)]
+pub struct Pending(Arc<EndpointState>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Candidate for Endpoint {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn available(&self, now: Instant) -> bool {
+        lock(&self.state.breaker).is_available(now)
+    }
+    fn pending(&self) -> u32 {
+        self.state.pending()
+    }
+    fn latency(&self, now: Instant) -> f64 {
+        self.state.latency(now).as_nanos() as f64
+    }
+}
+
+/// Runtime state of one service, kept across tables and reloads.
+#[derive(Debug)]
+pub struct ServiceState {
+    /// Round-robin cursor.
+    pub rr: AtomicUsize,
+    budget: Mutex<RetryBudget>,
+    bucket: Mutex<Option<TokenBucket>>,
+}
+
+impl ServiceState {
+    pub fn new(now: Instant) -> Self {
+        ServiceState {
+            rr: AtomicUsize::new(0),
+            budget: Mutex::new(RetryBudget::new(now)),
+            bucket: Mutex::new(None),
+        }
+    }
+
+    pub fn budget_deposit(&self, cfg: &BudgetConfig, now: Instant) {
+        lock(&self.budget).deposit(cfg, now);
+    }
+
+    pub fn budget_withdraw(&self, cfg: &BudgetConfig, now: Instant) -> bool {
+        lock(&self.budget).try_withdraw(cfg, now)
+    }
+
+    /// Takes a rate-limit token (the bucket starts full the first time a limit applies).
+    pub fn rate_limit(&self, cfg: &RateLimitConfig, now: Instant) -> Result<(), Duration> {
+        let mut b = lock(&self.bucket);
+        b.get_or_insert_with(|| TokenBucket::new(cfg, now))
+            .try_acquire(cfg, now)
     }
 }
 
@@ -110,19 +251,7 @@ pub struct Service {
     /// The name as a `mesh-service` header value.
     pub name_header: HeaderValue,
     pub endpoints: Vec<Endpoint>,
-    /// Round-robin cursor. The traffic-policy balancers replace this.
-    next: AtomicUsize,
-}
-
-impl Service {
-    /// Picks the next endpoint in turn, or `None` when the service has no endpoints.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
-    }
+    pub state: Arc<ServiceState>,
 }
 
 /// An immutable snapshot of every known service.
@@ -207,7 +336,7 @@ impl Inputs {
         }
     }
 
-    fn build(&self) -> Table {
+    fn build(&self, reg: &mut Registry, now: Instant) -> Table {
         let mut services: BTreeMap<String, Vec<Endpoint>> = self
             .declared
             .iter()
@@ -225,6 +354,7 @@ impl Inputs {
                     s.protocol,
                     s.weight,
                     Location::Local { source: *source },
+                    reg.endpoint(&s.service, s.addr, "", now),
                 ));
             }
         }
@@ -241,6 +371,7 @@ impl Inputs {
                             node: node.clone(),
                             inbound: *inbound,
                         },
+                        reg.endpoint(&s.service, s.addr, node, now),
                     ));
             }
         }
@@ -254,12 +385,63 @@ impl Inputs {
                         name_header: HeaderValue::from_str(&name)
                             .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                         endpoints,
-                        next: AtomicUsize::new(0),
+                        state: reg.service(&name, now),
                     };
                     (name, svc)
                 })
                 .collect(),
         }
+    }
+}
+
+/// The runtime state of every endpoint and service in the current table.
+#[derive(Default)]
+struct Registry {
+    endpoints: HashMap<(String, SocketAddr, String), Arc<EndpointState>>,
+    services: HashMap<String, Arc<ServiceState>>,
+    /// Keys used by the build in progress.
+    used_endpoints: std::collections::HashSet<(String, SocketAddr, String)>,
+    used_services: std::collections::HashSet<String>,
+}
+
+impl Registry {
+    fn endpoint(
+        &mut self,
+        service: &str,
+        addr: SocketAddr,
+        node: &str,
+        now: Instant,
+    ) -> Arc<EndpointState> {
+        let key = (service.to_string(), addr, node.to_string());
+        self.used_endpoints.insert(key.clone());
+        self.endpoints
+            .entry(key)
+            .or_insert_with(|| Arc::new(EndpointState::new(now)))
+            .clone()
+    }
+
+    fn service(&mut self, name: &str, now: Instant) -> Arc<ServiceState> {
+        self.used_services.insert(name.to_string());
+        self.services
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(ServiceState::new(now)))
+            .clone()
+    }
+
+    /// Forgets state no longer in the table; returns the (service, address) pairs of removed endpoints.
+    fn prune(&mut self) -> Vec<(String, SocketAddr)> {
+        let used = std::mem::take(&mut self.used_endpoints);
+        let mut removed = Vec::new();
+        self.endpoints.retain(|k, _| {
+            let keep = used.contains(k);
+            if !keep {
+                removed.push((k.0.clone(), k.1));
+            }
+            keep
+        });
+        let used = std::mem::take(&mut self.used_services);
+        self.services.retain(|k, _| used.contains(k));
+        removed
     }
 }
 
@@ -280,7 +462,10 @@ impl RoutingHandle {
 pub struct Router {
     rx: mpsc::UnboundedReceiver<Update>,
     inputs: Inputs,
+    registry: Registry,
     table_tx: watch::Sender<Arc<Table>>,
+    /// `meshd_circuit_breaker_open`: series of removed endpoints are deleted.
+    breaker_gauge: Option<prometheus::IntGaugeVec>,
 }
 
 impl Router {
@@ -291,11 +476,19 @@ impl Router {
             Router {
                 rx,
                 inputs: Inputs::default(),
+                registry: Registry::default(),
                 table_tx,
+                breaker_gauge: None,
             },
             RoutingHandle { tx },
             table_rx,
         )
+    }
+
+    /// Deletes the breaker series of endpoints that leave the table.
+    pub fn with_breaker_gauge(mut self, gauge: prometheus::IntGaugeVec) -> Self {
+        self.breaker_gauge = Some(gauge);
+        self
     }
 
     /// Applies updates until shutdown. Bursts are coalesced: one table is built after draining the queue.
@@ -309,7 +502,12 @@ impl Router {
             while let Ok(u) = self.rx.try_recv() {
                 self.inputs.apply(u);
             }
-            let table = self.inputs.build();
+            let table = self.inputs.build(&mut self.registry, Instant::now());
+            for (service, addr) in self.registry.prune() {
+                if let Some(g) = &self.breaker_gauge {
+                    let _ = g.remove_label_values(&[&service, &addr.to_string()]);
+                }
+            }
             tracing::debug!(services = table.services.len(), "routing table updated");
             self.table_tx.send_replace(Arc::new(table));
         }
@@ -344,10 +542,12 @@ mod tests {
             inbound: "10.1.0.1:4143".parse().unwrap(),
             endpoints: vec![spec("users", "10.0.9.1:80")],
         });
-        let t = inputs.build();
+        let mut reg = Registry::default();
+        let now = Instant::now();
+        let t = inputs.build(&mut reg, now);
+        reg.prune();
         assert_eq!(t.service("users").unwrap().endpoints.len(), 3);
         assert!(t.service("empty").unwrap().endpoints.is_empty());
-        assert!(t.service("empty").unwrap().pick().is_none());
         assert!(
             t.local_endpoint("users", "10.0.0.1:80".parse().unwrap())
                 .is_some()
@@ -363,24 +563,50 @@ mod tests {
         );
 
         inputs.apply(Update::RemoveRemote { node: "b".into() });
-        assert_eq!(inputs.build().service("users").unwrap().endpoints.len(), 2);
+        assert_eq!(
+            inputs
+                .build(&mut reg, now)
+                .service("users")
+                .unwrap()
+                .endpoints
+                .len(),
+            2
+        );
+        let removed = reg.prune();
+        assert_eq!(
+            removed,
+            vec![("users".to_string(), "10.0.9.1:80".parse().unwrap())]
+        );
     }
 
     #[test]
-    fn round_robin_visits_every_endpoint() {
+    fn endpoint_state_survives_rebuilds() {
         let mut inputs = Inputs::default();
+        let mut reg = Registry::default();
+        let now = Instant::now();
         inputs.apply(Update::SetLocal {
             source: Source::Static,
-            endpoints: vec![
-                spec("a", "10.0.0.1:80"),
-                spec("a", "10.0.0.2:80"),
-                spec("a", "10.0.0.3:80"),
-            ],
+            endpoints: vec![spec("a", "10.0.0.1:80")],
         });
-        let t = inputs.build();
-        let svc = t.service("a").unwrap();
-        let picks: BTreeSet<SocketAddr> = (0..3).map(|_| svc.pick().unwrap().addr).collect();
-        assert_eq!(picks.len(), 3);
+        let t1 = inputs.build(&mut reg, now);
+        reg.prune();
+        t1.service("a").unwrap().endpoints[0]
+            .state
+            .observe_latency(Duration::from_millis(500), now);
+        let _pending = t1.service("a").unwrap().endpoints[0].state.start();
+        // Another service comes and goes: "a" keeps its statistics.
+        inputs.apply(Update::SetDeclared {
+            services: ["b".to_string()].into(),
+        });
+        let t2 = inputs.build(&mut reg, now);
+        reg.prune();
+        let e = &t2.service("a").unwrap().endpoints[0];
+        assert_eq!(e.state.latency(now), Duration::from_millis(500));
+        assert_eq!(e.state.pending(), 1);
+        assert!(Arc::ptr_eq(
+            &t1.service("a").unwrap().state,
+            &t2.service("a").unwrap().state
+        ));
     }
 
     #[tokio::test]

@@ -32,7 +32,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Registry {
     inner: prometheus::Registry,
     pub proxy: ProxyMetrics,
+    pub policy: PolicyMetrics,
     pub discovery: DiscoveryMetrics,
+    /// `meshd_config_reload_failures_total`
+    pub config_reload_failures: prometheus::IntCounter,
 }
 
 impl Registry {
@@ -48,11 +51,20 @@ impl Registry {
             .set(1);
         register(&inner, build_info.clone());
         let proxy = ProxyMetrics::new(&inner);
+        let policy = PolicyMetrics::new(&inner);
         let discovery = DiscoveryMetrics::new(&inner);
+        let config_reload_failures = prometheus::IntCounter::new(
+            "meshd_config_reload_failures_total",
+            "Reloads refused because the new configuration was invalid or unreadable",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(&inner, config_reload_failures.clone());
         Registry {
             inner,
             proxy,
+            policy,
             discovery,
+            config_reload_failures,
         }
     }
 
@@ -172,11 +184,69 @@ impl ProxyMetrics {
     }
 }
 
+/// Metrics of the traffic policies.
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    /// `meshd_retries_total{service,outcome}`: retries sent, by whether the retry succeeded.
+    pub retries: IntCounterVec,
+    /// `meshd_retry_budget_exhausted_total{service}`: retries wanted but refused by the budget.
+    pub budget_exhausted: IntCounterVec,
+    /// `meshd_circuit_breaker_open{service,endpoint}`: 1 while the endpoint's breaker is open.
+    pub breaker_open: IntGaugeVec,
+    /// `meshd_rate_limited_total{service}`
+    pub rate_limited: IntCounterVec,
+    /// `meshd_faults_injected_total{service,kind}` (`kind` = `delay` or `abort`).
+    pub faults: IntCounterVec,
+}
+
+impl PolicyMetrics {
+    fn new(reg: &prometheus::Registry) -> Self {
+        PolicyMetrics {
+            retries: counter(
+                reg,
+                "meshd_retries_total",
+                "Retries sent, by outcome",
+                &["service", "outcome"],
+            ),
+            budget_exhausted: counter(
+                reg,
+                "meshd_retry_budget_exhausted_total",
+                "Retries not sent because the retry budget was exhausted",
+                &["service"],
+            ),
+            breaker_open: gauge(
+                reg,
+                "meshd_circuit_breaker_open",
+                "1 while an endpoint's circuit breaker is open",
+                &["service", "endpoint"],
+            ),
+            rate_limited: counter(
+                reg,
+                "meshd_rate_limited_total",
+                "Requests refused by the service's rate limit",
+                &["service"],
+            ),
+            faults: counter(
+                reg,
+                "meshd_faults_injected_total",
+                "Faults injected, by kind",
+                &["service", "kind"],
+            ),
+        }
+    }
+}
+
 /// Metrics of discovery.
 #[derive(Clone)]
 pub struct DiscoveryMetrics {
     /// `meshd_discovery_endpoints{source}`
     pub endpoints: IntGaugeVec,
+    /// `meshd_discovery_events_total{source,action}`: events received (Docker: a bounded set of actions).
+    pub events: IntCounterVec,
+    /// `meshd_discovery_skipped_total{source,reason}`: containers refused because of their labels.
+    pub skipped: IntCounterVec,
+    /// `meshd_discovery_degraded{source}`: 1 while the source is unreachable and its last endpoints are kept.
+    pub degraded: IntGaugeVec,
 }
 
 impl DiscoveryMetrics {
@@ -186,6 +256,24 @@ impl DiscoveryMetrics {
                 reg,
                 "meshd_discovery_endpoints",
                 "Endpoints this host's discovery currently lists",
+                &["source"],
+            ),
+            events: counter(
+                reg,
+                "meshd_discovery_events_total",
+                "Discovery events received, by action",
+                &["source", "action"],
+            ),
+            skipped: counter(
+                reg,
+                "meshd_discovery_skipped_total",
+                "Containers not exposed because of a label problem, by reason",
+                &["source", "reason"],
+            ),
+            degraded: gauge(
+                reg,
+                "meshd_discovery_degraded",
+                "1 while a discovery source is unreachable (its last endpoints are kept), else 0",
                 &["source"],
             ),
         }
