@@ -145,11 +145,15 @@ fn pick_among<C: Candidate>(
             weighted_at(eps, ok, n)
         }
         LoadBalancer::P2cEwma | LoadBalancer::LeastRequest => {
+            // Two distinct candidates, each drawn in proportion to its weight. (Drawing with replacement
+            // would compare an endpoint with itself a third of the time among three, handing a slow one
+            // a share it never has to compete for.)
             let a = weighted_at(eps, ok, rng.u64(..total))?;
-            let b = weighted_at(eps, ok, rng.u64(..total))?;
-            if a == b {
+            let rest = total - eps[a].weight() as u64;
+            if rest == 0 {
                 return Some(a);
             }
+            let b = weighted_at(eps, &|i: usize, e: &C| i != a && ok(i, e), rng.u64(..rest))?;
             let cost = |i: usize| {
                 let e = &eps[i];
                 let load = e.pending() as f64 + 1.0;

@@ -50,6 +50,7 @@ pub const GRPC_UNARY: &str = "/test.Echo/Unary";
 pub const GRPC_STREAM: &str = "/test.Echo/Stream";
 pub const GRPC_FAIL: &str = "/test.Echo/Fail";
 pub const GRPC_SLOW: &str = "/test.Echo/Slow";
+pub const GRPC_UNAVAILABLE: &str = "/test.Echo/Unavailable";
 
 // ---------------------------------------------------------------------------------------------------------
 // Backend.
@@ -67,7 +68,29 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     /// Most requests ever in flight at once.
     pub max_in_flight: Arc<AtomicUsize>,
+    /// Misbehaviour the test can switch on and off while the backend runs.
+    pub faults: Arc<BackendFaults>,
     stop: Option<oneshot::Sender<()>>,
+}
+
+/// How a backend misbehaves (all off by default).
+#[derive(Debug, Default)]
+pub struct BackendFaults {
+    /// Non-zero: every request is answered with this status.
+    pub status: std::sync::atomic::AtomicU16,
+    /// Non-zero N: every Nth request (by arrival) is answered 503.
+    pub fail_every: AtomicUsize,
+    /// Delay before every answer, in milliseconds.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl BackendFaults {
+    pub fn set_status(&self, s: u16) {
+        self.status.store(s, Ordering::SeqCst);
+    }
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Backend {
@@ -89,6 +112,8 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
     let connections = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let faults = Arc::new(BackendFaults::default());
+    let fl = faults.clone();
     let (tx, mut rx) = oneshot::channel();
     let (n, r, c) = (name.to_string(), requests.clone(), connections.clone());
     let (mx, inf) = (max_in_flight.clone(), in_flight.clone());
@@ -99,15 +124,32 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
             c.fetch_add(1, Ordering::SeqCst);
-            let (n, r, mx, inf) = (n.clone(), r.clone(), mx.clone(), inf.clone());
+            let (n, r, mx, inf, fl) = (n.clone(), r.clone(), mx.clone(), inf.clone(), fl.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    r.fetch_add(1, Ordering::SeqCst);
+                    let seq = r.fetch_add(1, Ordering::SeqCst) + 1;
                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
                     mx.fetch_max(now, Ordering::SeqCst);
-                    let (n, inf) = (n.clone(), inf.clone());
+                    let (n, inf, fl) = (n.clone(), inf.clone(), fl.clone());
                     async move {
-                        let resp = handle(n, req).await;
+                        let delay = fl.delay_ms.load(Ordering::SeqCst);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let every = fl.fail_every.load(Ordering::SeqCst);
+                        let status = match fl.status.load(Ordering::SeqCst) {
+                            0 if every > 0 && seq % every == 0 => 503,
+                            s => s,
+                        };
+                        let resp = if status != 0 {
+                            let mut r = Response::new(full(format!("{n} fails with {status}")));
+                            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                            r.headers_mut()
+                                .insert("x-backend", http::HeaderValue::from_str(&n).unwrap());
+                            Ok(r)
+                        } else {
+                            handle(n, req).await
+                        };
                         inf.fetch_sub(1, Ordering::SeqCst);
                         resp
                     }
@@ -126,6 +168,7 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
         requests,
         connections,
         max_in_flight,
+        faults,
         stop: Some(tx),
     }
 }
@@ -168,12 +211,15 @@ async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBod
             ("x-seen-keep-alive".into(), get("keep-alive")),
             ("x-seen-te".into(), get("te")),
             ("x-seen-expect".into(), get("expect")),
+            ("x-seen-mesh-deadline".into(), get("mesh-deadline")),
         ]
     };
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let mut resp = match path.as_str() {
-        GRPC_UNARY | GRPC_STREAM | GRPC_FAIL | GRPC_SLOW => grpc(name.clone(), req).await,
+        GRPC_UNARY | GRPC_STREAM | GRPC_FAIL | GRPC_SLOW | GRPC_UNAVAILABLE => {
+            grpc(name.clone(), req).await
+        }
         "/echo" => Response::new(
             req.into_body()
                 .map_err(|e| Box::new(e) as BoxError)
@@ -247,16 +293,29 @@ async fn grpc(name: String, req: Request<Incoming>) -> Response<TestBody> {
             });
             server.unary(svc, req).await
         }
+        GRPC_UNAVAILABLE => {
+            let svc = tower::service_fn(move |_r: tonic::Request<EchoRequest>| async move {
+                Err::<tonic::Response<EchoReply>, _>(Status::unavailable("backend overloaded"))
+            });
+            server.unary(svc, req).await
+        }
         _ => {
             let svc = tower::service_fn(move |r: tonic::Request<Streaming<EchoRequest>>| {
                 let name = name.clone();
                 async move {
                     type Out =
                         Pin<Box<dyn futures_util::Stream<Item = Result<EchoReply, Status>> + Send>>;
+                    // The message "unavailable" ends the stream with UNAVAILABLE in the trailers.
                     let out: Out = Box::pin(r.into_inner().map(move |m| {
-                        m.map(|m| EchoReply {
-                            message: m.message.to_uppercase(),
-                            backend: name.clone(),
+                        m.and_then(|m| {
+                            if m.message == "unavailable" {
+                                Err(Status::unavailable("stream failed"))
+                            } else {
+                                Ok(EchoReply {
+                                    message: m.message.to_uppercase(),
+                                    backend: name.clone(),
+                                })
+                            }
                         })
                     }));
                     Ok::<_, Status>(tonic::Response::new(out))
@@ -321,7 +380,23 @@ pub async fn agent_at(ip: &str, extra: &str) -> Agent {
 }
 
 pub async fn start(cfg: Config) -> Agent {
-    let bound = meshd::app::build(cfg).await.unwrap();
+    start_bound(meshd::app::build(cfg).await.unwrap()).await
+}
+
+/// Starts an agent whose config comes from `path` (so reloads re-read it).
+pub async fn start_from_file(path: &std::path::Path) -> Agent {
+    let text = std::fs::read_to_string(path).unwrap();
+    let cfg = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
+    start_bound(
+        meshd::app::build(cfg)
+            .await
+            .unwrap()
+            .with_config_path(path.to_path_buf()),
+    )
+    .await
+}
+
+async fn start_bound(bound: meshd::app::Bound) -> Agent {
     let (tx, rx) = oneshot::channel::<()>();
     let agent = Agent {
         outbound: bound.outbound[0],
@@ -399,6 +474,67 @@ pub async fn read(resp: Response<Incoming>) -> Got {
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// A request through the outbound listener with `Host: host` and extra headers, over HTTP/1.1.
+pub async fn send(
+    agent: &Agent,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Got {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(agent.url(path))
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    read(
+        h1_client()
+            .request(req.body(full(body)).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// POSTs to an admin endpoint.
+pub async fn admin_post(agent: &Agent, path: &str) -> Got {
+    let req = Request::post(format!("http://{}{path}", agent.admin))
+        .body(full(""))
+        .unwrap();
+    read(h1_client().request(req).await.unwrap()).await
+}
+
+/// GETs an admin endpoint as JSON.
+pub async fn admin_json(agent: &Agent, path: &str) -> serde_json::Value {
+    let req = Request::get(format!("http://{}{path}", agent.admin))
+        .body(full(""))
+        .unwrap();
+    let got = read(h1_client().request(req).await.unwrap()).await;
+    serde_json::from_str(&got.body).unwrap_or_else(|e| panic!("{e}: {}", got.body))
+}
+
+/// An endpoint's entry in `/v1/services`.
+pub async fn endpoint_view(agent: &Agent, service: &str, addr: SocketAddr) -> serde_json::Value {
+    let v = admin_json(agent, "/v1/services").await;
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .and_then(|s| {
+            s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["address"] == addr.to_string())
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("{service} {addr} not in {v}"))
 }
 
 /// GET `path` through the outbound listener with `Host: host` over HTTP/1.1.
