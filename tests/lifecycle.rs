@@ -385,37 +385,7 @@ async fn second_signal_exits_at_once() {
         agent_config("127.0.0.1", "").replace("drain_timeout = \"5s\"", "drain_timeout = \"60s\""),
         b.addr
     ));
-    let mut child = Command::new(MESHD)
-        .args(["run", "--config"])
-        .arg(&cfg.0)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Port 0: read the bound addresses from the admin API is not possible without the address, so find the
-    // outbound port from the log line the agent prints.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut outbound = None;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outbound.is_none() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains("listening")
-            && line.contains("outbound")
-        {
-            outbound = line.split_whitespace().find_map(|w| {
-                w.strip_prefix("addr=")
-                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-            });
-        }
-    }
-    let outbound = outbound.expect("agent logged its outbound address");
+    let (mut child, outbound) = spawn_run(&cfg.0);
     let req = http::Request::get(format!("http://{outbound}/slow?ms=30000"))
         .header("host", "hello")
         .body(full(""))
@@ -439,4 +409,87 @@ async fn second_signal_exits_at_once() {
         Some(130),
         "the second signal exits without waiting for the 60 s drain"
     );
+}
+
+/// Starts `meshd run --config path` and reads its outbound address from its log.
+fn spawn_run(path: &std::path::Path) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(MESHD)
+        .args(["run", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listeners are on port 0: the agent logs the addresses it bound.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut outbound = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outbound.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+            && line.contains("listening")
+            && line.contains("outbound")
+        {
+            outbound = line.split_whitespace().find_map(|w| {
+                w.strip_prefix("addr=")
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            });
+        }
+    }
+    (child, outbound.expect("agent logged its outbound address"))
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let b = backend("hup").await;
+    let base = format!(
+        "{}\n[[discovery.static]]\nservice = \"hello\"\nendpoints = [\"{}\"]\n",
+        agent_config("127.0.0.1", ""),
+        b.addr
+    );
+    let cfg = write_config(&base);
+    let (mut child, outbound) = spawn_run(&cfg.0);
+    let get_status = || async {
+        let req = http::Request::get(format!("http://{outbound}/"))
+            .header("host", "hello")
+            .body(full(""))
+            .unwrap();
+        read(h1_client().request(req).await.unwrap()).await
+    };
+    assert_eq!(get_status().await.status, StatusCode::OK);
+    std::fs::write(
+        &cfg.0,
+        format!(
+            "{base}[services.hello]\nfault = {{ abort = {{ percent = 100, status = 503 }} }}\n"
+        ),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get_status().await;
+        if got.header("mesh-error") == "fault-injected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new policy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+    signal(&child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }
