@@ -362,9 +362,15 @@ impl Outbound {
                 (None, Some(b)) => Either::Left(b),
                 (None, None) => Either::Right(Full::new(Bytes::new())),
             };
-            let mut req = Request::from_parts(parts.clone(), body);
-            let version = set_endpoint_headers(req.headers_mut(), endpoint);
             let uri = super::upstream_uri(endpoint.next_hop.clone(), &parts.uri);
+            // Copy the head only when another attempt may need it.
+            let head = if attempt < max_attempts {
+                parts.clone()
+            } else {
+                std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+            };
+            let mut req = Request::from_parts(head, body);
+            let version = set_endpoint_headers(req.headers_mut(), endpoint);
             let try_timeout = policy
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
