@@ -182,9 +182,15 @@ impl Bound {
                 drain,
             ));
         }
-        if !config.inbound.insecure_plaintext {
+        if config.inbound.insecure_plaintext {
             tracing::warn!(
-                "inbound.listen speaks plaintext HTTP/2: mutual TLS between agents is not implemented yet"
+                "inbound.insecure_plaintext = true: peer agents are accepted over plaintext HTTP/2 without \
+                 authentication; use this only on a trusted test network"
+            );
+        } else {
+            tracing::warn!(
+                "the inbound listener refuses every request: mutual TLS between agents is not available in this \
+                 version; set inbound.insecure_plaintext = true to accept plaintext peers (tests only)"
             );
         }
         proxies.spawn(server::serve(

@@ -206,6 +206,9 @@ pub struct RawConfig {
     pub discovery: RawDiscovery,
     pub defaults: RawPolicy,
     pub services: BTreeMap<String, RawPolicy>,
+    /// Keys the schema does not know, as found by `parse`.
+    #[serde(skip)]
+    pub unknown_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -419,8 +422,9 @@ fn line_at(text: &str, offset: usize) -> usize {
 // ---------------------------------------------------------------------------------------------------------
 
 impl RawConfig {
-    /// TOML text → raw config. Unknown keys are all collected and reported together; a syntax error or a value
-    /// of the wrong type stops parsing (the file cannot be read further) and is reported with its line.
+    /// TOML text → raw config. Unknown keys are collected for `validate` to report with everything else; a
+    /// syntax error or a value of the wrong type stops parsing (the file cannot be read further) and is
+    /// reported with its line.
     pub fn parse(text: &str) -> Result<RawConfig, ConfigErrors> {
         let de =
             toml::Deserializer::parse(text).map_err(|e| syntax_error(text, &e, String::new()))?;
@@ -431,18 +435,10 @@ impl RawConfig {
             let at = e.path().to_string();
             syntax_error(text, e.inner(), if at == "." { String::new() } else { at })
         })?;
-        if unknown.is_empty() {
-            return Ok(raw);
-        }
-        let mut problems = Problems { list: Vec::new() };
-        for key in unknown {
-            let segs = split_path(&key);
-            problems.push(
-                segs,
-                "unknown key (check the spelling against docs/configuration.md)",
-            );
-        }
-        Err(problems.finish(Some(text)))
+        // Reported by `validate`, together with every other problem.
+        let mut raw = raw;
+        raw.unknown_keys = unknown;
+        Ok(raw)
     }
 }
 
@@ -479,6 +475,12 @@ impl RawConfig {
     /// config came from) is only used to attach line numbers.
     pub fn validate(&self, text: Option<&str>) -> Result<Config, ConfigErrors> {
         let mut pr = Problems { list: Vec::new() };
+        for key in &self.unknown_keys {
+            pr.push(
+                split_path(key),
+                "unknown key (check the spelling against docs/configuration.md)",
+            );
+        }
 
         // [node]
         let name = match &self.node.name {
@@ -545,7 +547,7 @@ impl RawConfig {
                 .filter_map(|(i, a)| socket_addr(&mut pr, p!("outbound", "listen", i), a))
                 .collect(),
         };
-        let strip_suffixes = match &self.outbound.strip_suffixes {
+        let strip_suffixes: Vec<String> = match &self.outbound.strip_suffixes {
             None => DEFAULT_STRIP_SUFFIXES
                 .iter()
                 .map(|s| s.to_string())
@@ -641,6 +643,8 @@ impl RawConfig {
                     p!("discovery", "static", i, "service"),
                     format!("{:?}: {why}", s.service),
                 );
+            } else if let Some(why) = unreachable_name(&s.service, &strip_suffixes) {
+                pr.push(p!("discovery", "static", i, "service"), why);
             }
             if s.endpoints.is_empty() {
                 pr.push(
@@ -653,7 +657,16 @@ impl RawConfig {
                 .iter()
                 .enumerate()
                 .filter_map(|(j, e)| {
-                    endpoint_addr(&mut pr, p!("discovery", "static", i, "endpoints", j), e)
+                    let at = p!("discovery", "static", i, "endpoints", j);
+                    let addr = endpoint_addr(&mut pr, at.clone(), e)?;
+                    // Pointing a service at meshd itself would loop, or expose the admin API as a service.
+                    if let Some((key, _)) = listeners.iter().find(|(_, l)| {
+                        l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())
+                    }) {
+                        pr.push(at, format!("{e:?} is meshd's own listener {}", path(key)));
+                        return None;
+                    }
+                    Some(addr)
                 })
                 .collect();
             let protocol = match s.protocol.as_deref() {
@@ -707,9 +720,18 @@ impl RawConfig {
             &self.defaults,
             true,
         );
+        let mut lowered = std::collections::BTreeSet::new();
         for (name, svc) in &self.services {
             if let Err(why) = check_service_name(name) {
                 pr.push(p!("services", name), format!("{name:?}: {why}"));
+            } else if let Some(why) = unreachable_name(name, &strip_suffixes) {
+                pr.push(p!("services", name), why);
+            }
+            if !lowered.insert(name.to_ascii_lowercase()) {
+                pr.push(
+                    p!("services", name),
+                    format!("{name:?} is declared twice (service names are not case-sensitive)"),
+                );
             }
             policy::validate(
                 &mut pr,
@@ -723,7 +745,7 @@ impl RawConfig {
             return Err(pr.finish(text));
         }
         let defaults = policy::resolve(&self.defaults, None, DEFAULT_TIMEOUT);
-        let services = self
+        let services: BTreeMap<String, ServicePolicy> = self
             .services
             .iter()
             .map(|(name, svc)| {
@@ -733,6 +755,15 @@ impl RawConfig {
                 )
             })
             .collect();
+        // Checks that need the merged values (a service's backoff.max against the min from [defaults]).
+        for (at, pol) in std::iter::once((p!("defaults"), &defaults))
+            .chain(services.iter().map(|(n, pol)| (p!("services", n), pol)))
+        {
+            policy::validate_resolved(&mut pr, &at, pol);
+        }
+        if !pr.list.is_empty() {
+            return Err(pr.finish(text));
+        }
         Ok(Config {
             node: NodeConfig {
                 name,
@@ -815,6 +846,17 @@ pub fn check_service_name(s: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// A service name that ends with a suffix meshd strips from Host headers could never be asked for.
+fn unreachable_name(name: &str, suffixes: &[String]) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    suffixes.iter().find(|s| lower.ends_with(s.as_str())).map(|s| {
+        format!(
+            "{name:?} ends with {s:?}, which outbound.strip_suffixes removes from requests: name it {:?}",
+            &name[..name.len() - s.len()]
+        )
+    })
 }
 
 fn overlaps(a: IpAddr, b: IpAddr) -> bool {
@@ -1028,6 +1070,13 @@ timeout = "250ms"
     }
 
     #[test]
+    fn unknown_keys_and_bad_values_together() {
+        let ps = problems("[node]\nnmae = \"x\"\ndrain_timeout = \"soon\"\n");
+        has(&ps, "node.nmae", 2, "unknown key");
+        has(&ps, "node.drain_timeout", 3, "not a duration");
+    }
+
+    #[test]
     fn bad_duration_names_its_key() {
         let ps = problems(
             "[defaults]\ntimeout = \"10\"\n\n[services.users]\ntimeout = \"fast\"\n[node]\ndrain_timeout=\"0.5x\"\n",
@@ -1071,6 +1120,38 @@ timeout = "250ms"
         has(&ps, "discovery.static[1].endpoints[2]", 7, "non-zero port");
         has(&ps, "discovery.static[1].protocol", 8, "\"grpc\"");
         assert_eq!(ps.len(), 5, "{ps:#?}");
+    }
+
+    #[test]
+    fn names_and_endpoints_that_cannot_work() {
+        let ps = problems(
+            "[[discovery.static]]\nservice = \"users.mesh\"\nendpoints = [\"127.0.0.1:9990\", \"10.0.0.1:4140\"]\n[outbound]\nlisten = [\"0.0.0.0:4140\"]\n[services.Web]\n[services.web]\n",
+        );
+        has(&ps, "discovery.static[0].service", 2, "name it \"users\"");
+        has(
+            &ps,
+            "discovery.static[0].endpoints[0]",
+            3,
+            "own listener admin.listen",
+        );
+        has(
+            &ps,
+            "discovery.static[0].endpoints[1]",
+            3,
+            "own listener outbound.listen[0]",
+        );
+        assert!(
+            ps.iter().any(|p| p.message.contains("declared twice")),
+            "{ps:#?}"
+        );
+        let ps = problems(
+            "[defaults]\ncircuit_breaker = { backoff = { min = \"5s\" } }\n[services.a]\ncircuit_breaker = { backoff = { max = \"2s\" } }\n",
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.path == "services.a.circuit_breaker.backoff"),
+            "{ps:#?}"
+        );
     }
 
     #[test]

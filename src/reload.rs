@@ -69,7 +69,7 @@ fn reload(
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let new = Config::from_toml(&text).map_err(|e| e.to_string())?;
+    let mut new = Config::from_toml(&text).map_err(|e| e.to_string())?;
     let old = config.borrow().clone();
     let mut restart = Vec::new();
     if new.outbound.listen != old.outbound.listen {
@@ -90,6 +90,13 @@ fn reload(
     if new.discovery.docker != old.discovery.docker {
         restart.push("discovery.docker");
     }
+    // Settings read only at start keep their running values, so /v1/config shows what is in effect.
+    new.outbound.listen = old.outbound.listen.clone();
+    new.inbound = old.inbound.clone();
+    new.admin = old.admin.clone();
+    new.node = old.node.clone();
+    new.log = old.log.clone();
+    new.discovery.docker = old.discovery.docker.clone();
     apply_to_routing(&new, routing);
     config.send_replace(Arc::new(new));
     Ok(if restart.is_empty() {

@@ -59,6 +59,14 @@ async fn routes_by_host_absolute_uri_and_suffix() {
         .unwrap();
     let got = read(h1_client().request(req).await.unwrap()).await;
     assert_eq!(got.header("x-seen-request-id"), "abc123");
+    assert_eq!(
+        got.header("mesh-request-id"),
+        "abc123",
+        "echoed to the caller"
+    );
+    // meshd's own answers carry one too.
+    let got = get(&agent, "nosuch", "/").await;
+    assert_eq!(got.header("mesh-request-id").len(), 32);
     agent.stop().await;
 }
 

@@ -228,3 +228,36 @@ async fn inbound_forwards_only_to_its_own_endpoints() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn inbound_refuses_everything_without_the_plaintext_opt_in() {
+    let backend = backend("local").await;
+    let cfg = agent_config(
+        "127.0.0.6",
+        &format!(
+            "[[discovery.static]]\nservice = \"svc\"\nendpoints = [\"{}\"]\n",
+            backend.addr
+        ),
+    )
+    .replace("insecure_plaintext = true", "insecure_plaintext = false");
+    let b = start(meshd::config::Config::from_toml(&cfg).unwrap()).await;
+    let got = to_inbound(
+        b.inbound,
+        &[
+            ("mesh-service", "svc".to_string()),
+            ("mesh-endpoint", backend.addr.to_string()),
+            ("mesh-orig-proto", "HTTP/1.1".to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (got.status, got.header("mesh-error")),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    assert!(got.body.contains("mutual TLS"), "{}", got.body);
+    assert_eq!(
+        backend.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    b.stop().await;
+}

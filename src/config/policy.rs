@@ -184,10 +184,8 @@ impl RetryPolicy {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BreakerPolicy {
-    #[serde(skip)]
+    #[serde(flatten)]
     pub config: BreakerConfig,
-    /// As written, for `/v1/config`.
-    pub kind: String,
     pub failure_on: Conditions,
 }
 
@@ -208,7 +206,7 @@ impl RateLimitView {
 }
 
 /// A set of outcome conditions (`connect-failure`, `refused-stream`, `timeout`, `5xx`, `503`, `grpc:CODE`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conditions {
     pub connect_failure: bool,
     pub refused_stream: bool,
@@ -224,6 +222,30 @@ impl Conditions {
     }
     pub fn grpc_status(&self, code: u8) -> bool {
         self.grpc.contains(&code)
+    }
+}
+
+impl Serialize for Conditions {
+    /// As the config spells them.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out: Vec<String> = Vec::new();
+        for (on, name) in [
+            (self.connect_failure, "connect-failure"),
+            (self.refused_stream, "refused-stream"),
+            (self.timeout, "timeout"),
+            (self.any_5xx, "5xx"),
+        ] {
+            if on {
+                out.push(name.to_string());
+            }
+        }
+        out.extend(self.statuses.iter().map(|s| s.to_string()));
+        for code in &self.grpc {
+            if let Some((name, _)) = GRPC_CODES.iter().find(|(_, n)| n == code) {
+                out.push(format!("grpc:{name}"));
+            }
+        }
+        out.serialize(s)
     }
 }
 
@@ -544,6 +566,21 @@ pub(super) fn validate(pr: &mut Problems, base: &[Seg], raw: &RawPolicy, is_defa
     }
 }
 
+/// Checks on a merged policy (values that may come from two tables).
+pub(super) fn validate_resolved(pr: &mut Problems, base: &[Seg], pol: &ServicePolicy) {
+    let b = &pol.circuit_breaker.config.backoff;
+    if b.max < b.min {
+        pr.push(
+            at(base, &["circuit_breaker", "backoff"]),
+            format!(
+                "max {} is less than min {} (one of them may come from [defaults])",
+                super::format_duration(b.max),
+                super::format_duration(b.min)
+            ),
+        );
+    }
+}
+
 /// The effective policy of a service (`svc` = None: the defaults themselves). Call only after `validate`
 /// found nothing wrong; unparsable values fall back to the built-in defaults.
 pub(super) fn resolve(
@@ -621,7 +658,6 @@ pub(super) fn resolve(
     };
     let circuit_breaker = BreakerPolicy {
         config: BreakerConfig { kind, backoff },
-        kind: kind_name,
         failure_on: parse_conditions(
             &breaker_field!(failure_on).unwrap_or_else(|| strings(DEFAULT_FAILURE_ON)),
             true,

@@ -7,9 +7,11 @@
 use std::time::{Duration, Instant};
 
 /// Exponential backoff between opening and probing.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Backoff {
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub min: Duration,
+    #[serde(serialize_with = "crate::config::ser_duration")]
     pub max: Duration,
     /// Up to this fraction of the backoff is added at random.
     pub jitter: f64,
@@ -30,20 +32,23 @@ impl Backoff {
 }
 
 /// Which breaker, and its parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum BreakerKind {
     /// Open after `failures` failures in a row.
     ConsecutiveFailures { failures: u32 },
     /// Open when, over `window`, at least `min_requests` were seen and the success rate fell below `threshold`.
     SuccessRate {
+        #[serde(serialize_with = "crate::config::ser_duration")]
         window: Duration,
         min_requests: u32,
         threshold: f64,
     },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BreakerConfig {
+    #[serde(flatten)]
     pub kind: BreakerKind,
     pub backoff: Backoff,
 }

@@ -129,7 +129,9 @@ impl Clients {
                 detail: format!(
                     "no response from {} within {}",
                     target(),
-                    crate::config::format_duration(timeout)
+                    crate::config::format_duration(Duration::from_millis(
+                        timeout.as_millis() as u64
+                    ))
                 ),
             }),
         }

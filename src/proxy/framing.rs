@@ -179,7 +179,6 @@ impl Tracker {
         let mut content_length: Option<u64> = None;
         let mut te = false;
         let mut chunked = false;
-        let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 match std::str::from_utf8(h.value)
@@ -196,8 +195,6 @@ impl Tracker {
                     .rsplit(|&b| b == b',')
                     .next()
                     .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         if te && content_length.is_some() {
@@ -206,7 +203,9 @@ impl Tracker {
             return State::Off;
         }
         self.verdicts.push(Verdict::Ok);
-        if upgrade || (te && !chunked) {
+        // meshd never switches protocols (Upgrade is hop-by-hop and stripped), so an Upgrade header does not
+        // end the tracking: the framing goes on as usual.
+        if te && !chunked {
             State::Off
         } else if chunked {
             State::ChunkSize(Vec::new())

@@ -57,25 +57,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the client's address to `X-Forwarded-For`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
-    };
+    // Several X-Forwarded-For lines form one list (RFC 9110 §5.3).
+    let mut value = String::new();
+    for prev in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        if !prev.trim().is_empty() {
+            value.push_str(prev.trim());
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&client.to_string());
     headers.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
 
-/// Makes sure the request carries a `mesh-request-id`, generating one when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if headers.contains_key(&MESH_REQUEST_ID) {
-        return;
+/// Makes sure the request carries a `mesh-request-id`, generating one when absent; returns it.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    if let Some(v) = headers.get(&MESH_REQUEST_ID) {
+        return Some(v.clone());
     }
     let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(MESH_REQUEST_ID, v);
-    }
+    let v = HeaderValue::from_str(&id).ok()?;
+    headers.insert(MESH_REQUEST_ID, v.clone());
+    Some(v)
 }
 
 fn unix_ms_now() -> u128 {
@@ -143,6 +152,9 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
         append_forwarded_for(&mut h, "::1".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
+        append_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1, 10.9.9.9, 10.0.0.2");
     }
 
     #[test]

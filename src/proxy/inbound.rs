@@ -84,6 +84,14 @@ impl Inbound {
         conn: &ConnInfo,
     ) -> Result<(String, Response<Incoming>), Refused> {
         let forbidden = |why: String| (None, MeshError::Forbidden, why);
+        // Without mutual TLS there is no way to tell a peer agent from anyone else who can reach the port.
+        if !self.config.borrow().inbound.insecure_plaintext {
+            return Err(forbidden(
+                "this node accepts peer agents only over mutual TLS, which this version does not provide; \
+                 set inbound.insecure_plaintext = true on a trusted test network"
+                    .into(),
+            ));
+        }
         if req.version() != Version::HTTP_2 {
             return Err(forbidden(
                 "the inbound port accepts only HTTP/2 from peer agents".into(),

@@ -23,8 +23,8 @@ use super::client::{Clients, FailKind, ReqBody, SendError};
 use super::errors::{MeshError, error_response};
 use super::framing::Verdict;
 use super::headers::{
-    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE, append_forwarded_for,
-    ensure_request_id, read_deadline, strip_hop_by_hop, write_deadline,
+    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_REQUEST_ID, MESH_RETRYABLE, MESH_SERVICE,
+    append_forwarded_for, ensure_request_id, read_deadline, strip_hop_by_hop, write_deadline,
 };
 use super::observe::{Observed, Report};
 use super::server::{ConnInfo, Handler};
@@ -65,10 +65,16 @@ impl Handler for OutboundHandler {
         let this = self.0;
         async move {
             let start = Instant::now();
+            let mut req = req;
             let grpc = is_grpc(&req);
-            let (service, resp) = match this.proxy(req, &conn, grpc).await {
+            let version = req.version();
+            let request_id = ensure_request_id(req.headers_mut());
+            // meshd's own gRPC errors travel as HTTP 200: count them by the status they stand for.
+            let mut counted_status = None;
+            let (service, mut resp) = match this.proxy(req, &conn, grpc).await {
                 Ok((service, resp)) => (Some(service), resp.map(Either::Left)),
                 Err(r) => {
+                    counted_status = Some(r.error.status());
                     this.metrics
                         .errors
                         .with_label_values(&[Direction::Outbound.as_str(), r.error.code()])
@@ -88,10 +94,15 @@ impl Handler for OutboundHandler {
                     (r.service, resp)
                 }
             };
+            // The response goes out in the client's HTTP version, whatever the upstream spoke.
+            *resp.version_mut() = version;
+            if let Some(id) = request_id {
+                resp.headers_mut().entry(MESH_REQUEST_ID).or_insert(id);
+            }
             this.metrics.record(
                 Direction::Outbound,
                 service.as_deref().unwrap_or(""),
-                resp.status(),
+                counted_status.unwrap_or(resp.status()),
                 start.elapsed(),
             );
             resp
@@ -293,7 +304,6 @@ impl Outbound {
         parts.headers.remove(fault::MESH_FAULT_DELAY);
         parts.headers.remove(fault::MESH_FAULT_ABORT);
         append_forwarded_for(&mut parts.headers, conn.peer.ip());
-        ensure_request_id(&mut parts.headers);
         parts
             .headers
             .insert(MESH_SERVICE, target.name_header.clone());
@@ -491,7 +501,8 @@ impl Outbound {
             }
             Err(e) => {
                 let counts = match e.kind {
-                    FailKind::Connect | FailKind::RefusedStream => failure_on.connect_failure,
+                    FailKind::Connect => failure_on.connect_failure,
+                    FailKind::RefusedStream => failure_on.refused_stream,
                     FailKind::Timeout => {
                         endpoint.state.observe_latency(now - sent, now);
                         failure_on.timeout

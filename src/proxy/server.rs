@@ -45,6 +45,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// HTTP/1 framing verdicts, in request order.
     pub verdicts: Arc<Verdicts>,
+    /// Requests received on this connection so far.
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 /// Handles one request; cloned per connection.
@@ -118,9 +120,13 @@ pub async fn serve<H: Handler>(
         let info = Arc::new(ConnInfo {
             peer,
             verdicts: verdicts.clone(),
+            requests: std::sync::atomic::AtomicU64::new(0),
         });
         let handler = handler.clone();
+        let conn_info = info.clone();
         let svc = service_fn(move |req| {
+            info.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let fut = handler.clone().handle(req, info.clone());
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         });
@@ -151,7 +157,7 @@ pub async fn serve<H: Handler>(
                 };
                 let conn = watcher.watch(builder.serve_connection(io, svc));
                 tokio::select! {
-                    res = conn => open.finish(res),
+                    res = conn => open.finish(res, conn_info.requests.load(std::sync::atomic::Ordering::Relaxed)),
                     _ = force.cancelled() => {}
                 }
             }
@@ -197,9 +203,13 @@ impl OpenConn {
         }
     }
 
-    fn finish(self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    fn finish(self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>, served: u64) {
         if let Err(e) = result {
             let reason = classify(&*e);
+            if reason == "header-timeout" && served > 0 {
+                // An idle keep-alive connection closed after the header timeout: normal, not an error.
+                return;
+            }
             tracing::debug!(error = %e, reason, "client connection error");
             self.count_error(reason);
         }
@@ -221,35 +231,38 @@ impl Drop for OpenConn {
 
 /// A bounded label for why a client connection failed.
 fn classify(e: &(dyn std::error::Error + 'static)) -> &'static str {
-    if let Some(h) = e.downcast_ref::<hyper::Error>() {
-        if h.is_timeout() {
-            return "header-timeout";
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return "header-timeout";
+            }
+            if h.is_parse_too_large() {
+                return "too-large";
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return "malformed";
+            }
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return "closed";
+            }
+            if h.is_body_write_aborted() {
+                return "aborted";
+            }
         }
-        if h.is_parse_too_large() {
-            return "too-large";
+        if err.downcast_ref::<h2::Error>().is_some() {
+            return "h2";
         }
-        if h.is_parse() || h.is_parse_status() {
-            return "malformed";
+        if err.downcast_ref::<std::io::Error>().is_some() {
+            return "io";
         }
-        if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
-            return "closed";
-        }
-        if h.is_body_write_aborted() {
-            return "aborted";
-        }
-        if h.is_user() {
-            return "protocol";
-        }
+        cur = err.source();
     }
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            return classify(h);
-        }
-        src = s.source();
-    }
-    if e.downcast_ref::<std::io::Error>().is_some() {
-        return "io";
+    // hyper's "user" errors: a response body (the upstream's) failed while it was being sent.
+    if e.downcast_ref::<hyper::Error>()
+        .is_some_and(|h| h.is_user())
+    {
+        return "body";
     }
     "other"
 }
