@@ -34,6 +34,9 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Largest HTTP/2 header list.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams a client may reset before they are answered (CVE-2023-44487, "Rapid Reset").
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams meshd may reset because of client errors before it closes the connection.
@@ -80,7 +83,10 @@ fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS);
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
+        // Pings find peers that vanished without closing (a dead host, a dropped NAT entry).
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     match versions {
         Versions::Auto => b,
         Versions::H2Only => b.http2_only(),
