@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`config`]: the TOML schema, defaults and validation (every problem at once, with key paths).
 //! - [`app`]: wiring — binds listeners, spawns subsystems, drains on shutdown.
-//! - [`discovery`]: this host's endpoint set (static entries for now).
+//! - [`discovery`]: this host's endpoint set: static entries, and Docker containers by their labels.
 //! - [`policy`]: pure traffic-policy state machines (balancers, breakers, budgets, limits, faults, routes).
 //! - [`routing`]: the merged service → endpoints table; its sole writer publishes `watch` snapshots.
 //! - [`proxy`]: outbound (from local apps) and inbound (from peer agents) HTTP/1.1, h2 and gRPC proxying.

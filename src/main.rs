@@ -114,6 +114,8 @@ fn dev_config(
     raw.inbound.listen = Some(inbound);
     raw.inbound.insecure_plaintext = true;
     raw.node.name = Some("dev".into());
+    // Docker discovery when a Docker socket is reachable (DOCKER_HOST, else /var/run/docker.sock).
+    raw.discovery.docker.enabled = meshd::discovery::docker::detect_local_docker().is_some();
     for s in services {
         let (name, rest) = s.split_once('=').ok_or_else(|| {
             format!("--service {s:?}: expected NAME=ADDR, e.g. users=127.0.0.1:8080")
@@ -174,8 +176,16 @@ fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCo
                 .first()
                 .map(|s| s.service.clone())
                 .unwrap_or_else(|| "SERVICE".into());
+            let docker = if bound.config.discovery.docker.enabled {
+                format!(
+                    "docker:\n  on ({}): containers labelled mesh.enable=true are services (see docs/docker.md)\n",
+                    meshd::discovery::docker::effective_host(None)
+                )
+            } else {
+                "docker:\n  off (no Docker socket: set DOCKER_HOST or start Docker)\n".to_string()
+            };
             println!(
-                "meshd dev: a one-node mesh is running\n  outbound  http://{out}   (apps send requests here)\n  inbound   {}   (peer agents; plaintext in dev)\n  admin     http://{}   (/ready, /metrics, /v1/services)\n{services}try:\n  curl -H 'Host: {first}' http://{out}/\n  curl -x http://{out} http://{first}/\nCtrl-C stops it.",
+                "meshd dev: a one-node mesh is running\n  outbound  http://{out}   (apps send requests here)\n  inbound   {}   (peer agents; plaintext in dev)\n  admin     http://{}   (/ready, /metrics, /v1/services)\n{services}{docker}try:\n  curl -H 'Host: {first}' http://{out}/\n  curl -x http://{out} http://{first}/\nCtrl-C stops it.",
                 bound.inbound, bound.admin
             );
         }
