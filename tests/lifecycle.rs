@@ -31,11 +31,45 @@ mod tempfile_path {
     impl Drop for Path {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
+            // The directory goes with its last file.
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }
 
-fn signal(child: &Child, sig: &str) {
+/// A meshd process that is killed if the test ends (or panics) before it exits by itself.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// Waits for the process to exit.
+    async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(child: &Proc, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.id().to_string()])
         .status()
@@ -294,7 +328,7 @@ async fn in_flight_request_finishes_during_drain() {
 }
 
 /// Starts `meshd` with `args`, reading its stdout until a line containing `marker`.
-fn spawn_meshd(args: &[&str], marker: &str) -> (Child, Vec<String>) {
+fn spawn_meshd(args: &[&str], marker: &str) -> (Proc, Vec<String>) {
     let mut child = Command::new(MESHD)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -312,7 +346,7 @@ fn spawn_meshd(args: &[&str], marker: &str) -> (Child, Vec<String>) {
             break;
         }
     }
-    (child, lines)
+    (Proc(Some(child)), lines)
 }
 
 fn addr_after(lines: &[String], label: &str) -> std::net::SocketAddr {
@@ -328,7 +362,7 @@ fn addr_after(lines: &[String], label: &str) -> std::net::SocketAddr {
 async fn meshd_dev_serves_and_sigterm_drains_then_exits_0() {
     let b = backend("dev").await;
     let svc = format!("hello={}", b.addr);
-    let (mut child, lines) = spawn_meshd(
+    let (child, lines) = spawn_meshd(
         &[
             "dev",
             "--service",
@@ -371,9 +405,7 @@ async fn meshd_dev_serves_and_sigterm_drains_then_exits_0() {
         StatusCode::OK,
         "the in-flight request completes during the drain"
     );
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = child.wait().await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -397,13 +429,11 @@ async fn second_signal_exits_at_once() {
     signal(&child, "-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.try_wait().is_none(),
         "still draining after the first signal"
     );
     signal(&child, "-INT");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = child.wait().await;
     assert_eq!(
         status.code(),
         Some(130),
@@ -412,7 +442,7 @@ async fn second_signal_exits_at_once() {
 }
 
 /// Starts `meshd run --config path` and reads its outbound address from its log.
-fn spawn_run(path: &std::path::Path) -> (Child, std::net::SocketAddr) {
+fn spawn_run(path: &std::path::Path) -> (Proc, std::net::SocketAddr) {
     let mut child = Command::new(MESHD)
         .args(["run", "--config"])
         .arg(path)
@@ -442,7 +472,8 @@ fn spawn_run(path: &std::path::Path) -> (Child, std::net::SocketAddr) {
             });
         }
     }
-    (child, outbound.expect("agent logged its outbound address"))
+    let outbound = outbound.expect("agent logged its outbound address");
+    (Proc(Some(child)), outbound)
 }
 
 #[tokio::test]
@@ -483,13 +514,8 @@ async fn sighup_reloads_the_config_file() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP must not stop the agent"
-    );
+    assert!(child.try_wait().is_none(), "SIGHUP must not stop the agent");
     signal(&child, "-TERM");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = child.wait().await;
     assert_eq!(status.code(), Some(0));
 }
