@@ -118,6 +118,24 @@ async fn keep_alive_on_both_sides() {
 }
 
 #[tokio::test]
+async fn http10_keep_alive_clients_keep_their_connection() {
+    let b = backend("old").await;
+    let agent = agent(&static_service("old", &[b.addr], "http")).await;
+    let mut s = TcpStream::connect(agent.outbound).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.0\r\nHost: old\r\nConnection: Keep-Alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.0 200"), "{text}");
+        assert!(text.contains("connection: keep-alive"), "{text}");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn hop_by_hop_headers_are_stripped() {
     let b = backend("hop").await;
     let agent = agent(&static_service("hop", &[b.addr], "http")).await;

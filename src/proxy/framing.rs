@@ -86,6 +86,15 @@ impl Tracker {
             match &mut self.state {
                 State::Off => return,
                 State::Head(buf) => {
+                    // The usual case: a whole head in one read. Follow it in place, without copying.
+                    if buf.is_empty()
+                        && let Some(pos) = find(data, b"\r\n\r\n")
+                    {
+                        let end = pos + 4;
+                        self.state = self.on_head(&data[..end]);
+                        data = &data[end..];
+                        continue;
+                    }
                     let search_from = buf.len().saturating_sub(3);
                     let take = data.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
                     buf.extend_from_slice(&data[..take]);
@@ -167,9 +176,10 @@ impl Tracker {
     }
 
     fn on_head(&self, head: &[u8]) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, &mut headers) {
             Ok(httparse::Status::Complete(_)) => {}
             _ => return State::Off,
         }

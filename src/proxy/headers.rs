@@ -14,40 +14,57 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the old `Proxy-Connection`.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including every header the `Connection` header names.
 /// `TE: trailers` survives on requests: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        // Never let `Connection` remove end-to-end headers meshd itself relies on.
-        if name != MESH_SERVICE && name != MESH_REQUEST_ID {
-            headers.remove(name);
-        }
+    // Most messages carry none of them: one pass over the names (cheap comparisons for standard headers)
+    // instead of a hashed removal per name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
     }
     let keep_te = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for name in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    // Remove only what is there: the fixed hop-by-hop names, and every header `Connection` names (except the
+    // end-to-end headers meshd itself relies on).
+    let mut doomed: Vec<HeaderName> = Vec::with_capacity(4);
+    {
+        let connection: Vec<&str> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let named = |k: &HeaderName| {
+            connection
+                .iter()
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
+        };
+        for k in headers.keys() {
+            if HOP_BY_HOP.contains(k) || (*k != MESH_SERVICE && *k != MESH_REQUEST_ID && named(k)) {
+                doomed.push(k.clone());
+            }
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
     if keep_te {
@@ -55,10 +72,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes every header in `names` that is present, with one pass over the map in the common case where none is.
+pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if headers.keys().any(|k| names.contains(k)) {
+        for n in names {
+            headers.remove(n);
+        }
+    }
+}
+
 /// Appends the client's address to `X-Forwarded-For`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    use std::fmt::Write;
     // Several X-Forwarded-For lines form one list (RFC 9110 §5.3).
-    let mut value = String::new();
+    let mut value = String::with_capacity(48);
     for prev in headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -69,9 +96,9 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
             value.push_str(", ");
         }
     }
-    value.push_str(&client.to_string());
-    headers.remove(&X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let _ = write!(value, "{client}");
+    // `insert` replaces every earlier line; the bytes are handed over without another copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
@@ -81,8 +108,14 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> Option<HeaderValue> {
     if let Some(v) = headers.get(&MESH_REQUEST_ID) {
         return Some(v.clone());
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let v = HeaderValue::from_str(&id).ok()?;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    for (i, byte) in id.iter_mut().enumerate() {
+        let word = if i < 16 { a } else { b };
+        *byte = HEX[((word >> ((15 - (i % 16)) * 4)) & 0xf) as usize];
+    }
+    let v = HeaderValue::from_bytes(&id).ok()?;
     headers.insert(MESH_REQUEST_ID, v.clone());
     Some(v)
 }

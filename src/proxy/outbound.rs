@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{HeaderValue, Method, Request, Response, Version, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Version, header};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::sync::watch;
@@ -24,7 +24,8 @@ use super::errors::{MeshError, error_response};
 use super::framing::Verdict;
 use super::headers::{
     MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_REQUEST_ID, MESH_RETRYABLE, MESH_SERVICE,
-    append_forwarded_for, ensure_request_id, read_deadline, strip_hop_by_hop, write_deadline,
+    append_forwarded_for, ensure_request_id, read_deadline, remove_all, strip_hop_by_hop,
+    write_deadline,
 };
 use super::observe::{Observed, Report};
 use super::server::{ConnInfo, Handler};
@@ -32,7 +33,7 @@ use super::{ProxyBody, is_grpc, proto_name};
 use crate::config::{Config, ServicePolicy};
 use crate::policy::balance::{self, Tried};
 use crate::policy::{fault, route};
-use crate::routing::{Endpoint, Location, Service, Table};
+use crate::routing::{Endpoint, Location, Service, ServiceState, Table};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::{PolicyMetrics, ProxyMetrics};
 
@@ -71,8 +72,12 @@ impl Handler for OutboundHandler {
             let request_id = ensure_request_id(req.headers_mut());
             // meshd's own gRPC errors travel as HTTP 200: count them by the status they stand for.
             let mut counted_status = None;
+            let mut served_by = None;
             let (service, mut resp) = match this.proxy(req, &conn, grpc).await {
-                Ok((service, resp)) => (Some(service), resp.map(Either::Left)),
+                Ok((service, state, resp)) => {
+                    served_by = Some(state);
+                    (Some(service), resp.map(Either::Left))
+                }
                 Err(r) => {
                     counted_status = Some(r.error.status());
                     this.metrics
@@ -94,17 +99,30 @@ impl Handler for OutboundHandler {
                     (r.service, resp)
                 }
             };
-            // The response goes out in the client's HTTP version, whatever the upstream spoke.
-            *resp.version_mut() = version;
+            // Whatever the upstream spoke, hand hyper an HTTP/1.1 response for an HTTP/1.x client (hyper then
+            // writes it in the client's version and, for HTTP/1.0 keep-alive clients, keeps the connection) and
+            // an HTTP/2 one for an HTTP/2 client.
+            *resp.version_mut() = if version == http::Version::HTTP_2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            };
             if let Some(id) = request_id {
                 resp.headers_mut().entry(MESH_REQUEST_ID).or_insert(id);
             }
-            this.metrics.record(
-                Direction::Outbound,
-                service.as_deref().unwrap_or(""),
-                counted_status.unwrap_or(resp.status()),
-                start.elapsed(),
-            );
+            let status = counted_status.unwrap_or(resp.status());
+            match (&served_by, &service) {
+                (Some(state), Some(name)) => state
+                    .outbound_metrics
+                    .get_or_init(|| this.metrics.for_service(Direction::Outbound, name))
+                    .record(status, start.elapsed()),
+                _ => this.metrics.record(
+                    Direction::Outbound,
+                    service.as_deref().unwrap_or(""),
+                    status,
+                    start.elapsed(),
+                ),
+            }
             resp
         }
     }
@@ -162,7 +180,7 @@ impl Outbound {
         req: Request<Incoming>,
         conn: &ConnInfo,
         grpc: bool,
-    ) -> Result<(Arc<str>, Response<Observed>), Refusal> {
+    ) -> Result<(Arc<str>, Arc<ServiceState>, Response<Observed>), Refusal> {
         if req.version() < Version::HTTP_2 && conn.verdicts.next() == Verdict::ConflictingFraming {
             return Err(Refusal {
                 close: true,
@@ -297,12 +315,18 @@ impl Outbound {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::EXPECT);
-        parts.headers.remove(MESH_ENDPOINT);
-        parts.headers.remove(MESH_ORIG_PROTO);
-        parts.headers.remove(MESH_RETRYABLE);
-        parts.headers.remove(fault::MESH_FAULT_DELAY);
-        parts.headers.remove(fault::MESH_FAULT_ABORT);
+        // Headers that stop here: `Expect` (answered by meshd's own server) and meshd's per-hop controls.
+        remove_all(
+            &mut parts.headers,
+            &[
+                header::EXPECT,
+                MESH_ENDPOINT,
+                MESH_ORIG_PROTO,
+                MESH_RETRYABLE,
+                HeaderName::from_static(fault::MESH_FAULT_DELAY),
+                HeaderName::from_static(fault::MESH_FAULT_ABORT),
+            ],
+        );
         append_forwarded_for(&mut parts.headers, conn.peer.ip());
         parts
             .headers
@@ -441,7 +465,7 @@ impl Outbound {
             return match result {
                 Attempt::Response(mut resp) => {
                     strip_hop_by_hop(resp.headers_mut());
-                    Ok((target.name.clone(), resp))
+                    Ok((target.name.clone(), target.state.clone(), resp))
                 }
                 Attempt::Failed(e) => Err(Refusal::new(
                     Some(&target.name),

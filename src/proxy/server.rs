@@ -28,7 +28,8 @@ use crate::telemetry::metrics::ProxyMetrics;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP/1 request head.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in an HTTP/1 request.
+/// Most header fields in an HTTP/1 request. This is hyper's own default, left implicit on purpose: setting it
+/// explicitly (even to the same value) makes hyper fill a 100-entry array on every request.
 pub const MAX_HEADERS: usize = 100;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -76,7 +77,6 @@ fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())

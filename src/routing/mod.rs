@@ -202,6 +202,8 @@ impl Candidate for Endpoint {
 pub struct ServiceState {
     /// Round-robin cursor.
     pub rr: AtomicUsize,
+    /// The service's outbound request metrics, resolved on first use.
+    pub outbound_metrics: std::sync::OnceLock<crate::telemetry::metrics::ServiceMetrics>,
     budget: Mutex<RetryBudget>,
     bucket: Mutex<Option<TokenBucket>>,
 }
@@ -210,6 +212,7 @@ impl ServiceState {
     pub fn new(now: Instant) -> Self {
         ServiceState {
             rr: AtomicUsize::new(0),
+            outbound_metrics: std::sync::OnceLock::new(),
             budget: Mutex::new(RetryBudget::new(now)),
             bucket: Mutex::new(None),
         }

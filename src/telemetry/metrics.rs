@@ -168,19 +168,49 @@ impl ProxyMetrics {
         status: http::StatusCode,
         elapsed: std::time::Duration,
     ) {
-        let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
         self.requests
-            .with_label_values(&[dir.as_str(), service, class])
+            .with_label_values(&[dir.as_str(), service, STATUS_CLASSES[class_index(status)]])
             .inc();
         self.duration
             .with_label_values(&[dir.as_str(), service])
             .observe(elapsed.as_secs_f64());
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: http::StatusCode) -> usize {
+    match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+impl ProxyMetrics {
+    /// One service's series, resolved once so the hot path skips the label lookups.
+    pub fn for_service(&self, dir: Direction, service: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            requests: STATUS_CLASSES
+                .map(|c| self.requests.with_label_values(&[dir.as_str(), service, c])),
+            duration: self.duration.with_label_values(&[dir.as_str(), service]),
+        }
+    }
+}
+
+/// `meshd_requests_total` and `meshd_request_duration_seconds` of one service in one direction.
+#[derive(Clone, Debug)]
+pub struct ServiceMetrics {
+    requests: [prometheus::IntCounter; 5],
+    duration: prometheus::Histogram,
+}
+
+impl ServiceMetrics {
+    pub fn record(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.requests[class_index(status)].inc();
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }
 
