@@ -176,14 +176,7 @@ async fn slow_header_client_is_cut_off() {
 #[tokio::test]
 async fn h2_streams_per_connection_are_capped() {
     let (b, agent) = setup().await;
-    let stream = TcpStream::connect(agent.outbound).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let send = h2_connect(agent.outbound).await;
     let mut tasks = Vec::new();
     for _ in 0..150 {
         let mut send = send.clone();

@@ -410,14 +410,7 @@ async fn inbound_honours_the_senders_deadline() {
         ),
     )
     .await;
-    let stream = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(b.inbound).await;
     let at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

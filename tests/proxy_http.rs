@@ -237,14 +237,13 @@ async fn h2c_prior_knowledge_to_h2c_and_http1_backends() {
         static_service("h1svc", &[b.addr], "http")
     );
     let agent = agent(&cfg).await;
-    let client = h2_client();
     // h2 → h2c backend: stays HTTP/2. The :authority names the service.
     let req = Request::get(format!("http://h2svc{}", "/x"))
         .version(Version::HTTP_2)
         .body(full(""))
         .unwrap();
     // Dial the agent but keep the service as :authority.
-    let got = send_h2(&client, agent.outbound, req).await;
+    let got = send_h2(agent.outbound, req).await;
     assert_eq!(got.status, StatusCode::OK, "{got:?}");
     assert_eq!(got.header("x-seen-version"), "HTTP/2.0");
     assert_eq!(got.header("x-seen-mesh-service"), "h2svc");
@@ -253,7 +252,7 @@ async fn h2c_prior_knowledge_to_h2c_and_http1_backends() {
         .version(Version::HTTP_2)
         .body(full(""))
         .unwrap();
-    let got = send_h2(&client, agent.outbound, req).await;
+    let got = send_h2(agent.outbound, req).await;
     assert_eq!(got.status, StatusCode::OK, "{got:?}");
     assert_eq!(got.header("x-seen-version"), "HTTP/1.1");
     assert_eq!(got.header("x-seen-host"), "h1svc");
@@ -264,22 +263,8 @@ async fn h2c_prior_knowledge_to_h2c_and_http1_backends() {
 }
 
 /// Sends an h2 request whose :authority is a service name over a connection to `addr`.
-async fn send_h2(
-    _client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        TestBody,
-    >,
-    addr: std::net::SocketAddr,
-    req: Request<TestBody>,
-) -> Got {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+async fn send_h2(addr: std::net::SocketAddr, req: Request<TestBody>) -> Got {
+    let mut send = h2_connect(addr).await;
     read(send.send_request(req).await.unwrap()).await
 }
 

@@ -92,14 +92,7 @@ async fn http1_through_two_agents() {
 async fn h2_through_two_agents() {
     let backend = backend("far-h2").await;
     let p = pair("far2", backend.addr, "h2c").await;
-    let stream = tokio::net::TcpStream::connect(p.a.outbound).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_connect(p.a.outbound).await;
     let req = Request::get("http://far2/h2")
         .version(Version::HTTP_2)
         .body(full(""))
@@ -134,14 +127,7 @@ async fn grpc_through_two_agents() {
 
 /// Sends an h2 request straight to an agent's inbound listener.
 async fn to_inbound(inbound: SocketAddr, headers: &[(&str, String)]) -> Got {
-    let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_connect(inbound).await;
     let mut req = Request::get(format!("http://{inbound}/x")).version(Version::HTTP_2);
     for (k, v) in headers {
         req = req.header(*k, v);

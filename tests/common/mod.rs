@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshd::config::Config;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -443,12 +443,6 @@ pub fn h1_client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-pub fn h2_client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new())
-}
-
 /// A response read whole.
 #[derive(Debug)]
 pub struct Got {
@@ -544,6 +538,17 @@ pub async fn get(agent: &Agent, host: &str, path: &str) -> Got {
         .body(full(""))
         .unwrap();
     read(h1_client().request(req).await.unwrap()).await
+}
+
+/// An HTTP/2 (prior knowledge) connection to `addr`, driven in the background.
+pub async fn h2_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 /// A tonic gRPC client that dials `addr` but names `service` as its authority.
