@@ -223,3 +223,28 @@ async fn silent_connection_is_closed() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn stalled_http2_preface_is_cut_off() {
+    let (b, agent) = setup().await;
+    let mut s = TcpStream::connect(agent.outbound).await.unwrap();
+    // Half of the HTTP/2 client preface, then nothing.
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "a stalled preface is kept open: {r:?}"
+    );
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    let m = metrics(&agent).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    agent.stop().await;
+}

@@ -145,13 +145,12 @@ pub async fn serve<H: Handler>(
         );
         tokio::spawn(
             async move {
-                // hyper's header timeout starts with the first byte; a client that connects and sends nothing
-                // would otherwise hold the connection forever.
-                let mut first = [0u8; 1];
+                // hyper's header timeout starts once it knows the protocol. Until then a client that sends
+                // nothing, or a few bytes of the HTTP/2 preface, would hold the connection forever.
                 tokio::select! {
-                    r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => match r {
-                        Ok(Ok(n)) if n > 0 => {}
-                        Ok(_) => return,
+                    r = tokio::time::timeout(HEADER_READ_TIMEOUT, protocol_known(&stream)) => match r {
+                        Ok(true) => {}
+                        Ok(false) => return,
                         Err(_) => return open.count_error("header-timeout"),
                     },
                     _ = shutdown.cancelled() => return,
@@ -186,6 +185,24 @@ pub async fn serve<H: Handler>(
             "drain deadline passed with connections still open; closing them"
         );
         force.cancel();
+    }
+}
+
+/// The HTTP/2 client preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, without consuming anything, until the first bytes tell HTTP/1 from HTTP/2: false if the client
+/// closed first.
+async fn protocol_known(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            // Not the preface (HTTP/1), or all of it (HTTP/2).
+            Ok(n) if !H2_PREFACE.starts_with(&buf[..n]) || n == H2_PREFACE.len() => return true,
+            // A prefix of the preface: peeking again would return at once, so give the rest time to arrive.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
