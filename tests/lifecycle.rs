@@ -519,3 +519,69 @@ async fn sighup_reloads_the_config_file() {
     let status = child.wait().await;
     assert_eq!(status.code(), Some(0));
 }
+
+/// Reads the agent's stderr until a line containing `needle`, for at most 10 s.
+fn stderr_line(child: &mut Child, needle: &str) -> Option<String> {
+    let stderr = child.stderr.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+            && line.contains(needle)
+        {
+            return Some(line);
+        }
+    }
+    None
+}
+
+#[test]
+fn log_format_json_and_rust_log_override() {
+    let cfg = write_config(&format!(
+        "{}[log]\nformat = \"json\"\nlevel = \"error\"\n",
+        agent_config("127.0.0.1", "")
+    ));
+    let mut child = Command::new(MESHD)
+        .args(["run", "--config"])
+        .arg(&cfg.0)
+        // log.level says errors only; RUST_LOG wins.
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = stderr_line(&mut child, "listening");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("an info line despite log.level = error, because RUST_LOG=info");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["fields"]["message"], "listening");
+
+    // Without RUST_LOG, log.level applies: no info lines.
+    let mut child = Command::new(MESHD)
+        .args(["run", "--config"])
+        .arg(&cfg.0)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    use std::io::Read;
+    let _ = BufReader::new(stderr).read_to_string(&mut out);
+    assert!(
+        !out.contains("listening"),
+        "info lines at log.level = error:\n{out}"
+    );
+}
