@@ -1194,6 +1194,21 @@ timeout = "250ms"
         has(&ps, "discovery.docker.node_label", 3, "label key");
     }
 
+    proptest::proptest! {
+        /// Whatever the file says, parsing ends in a config or a list of problems, never a panic.
+        #[test]
+        fn never_panics(text in "(\\[[a-z._]{0,12}\\]\n|[a-z_.]{1,12} = (\"[^\"\n]{0,20}\"|[0-9.-]{1,6}|true|\\[\\]|\\{\\})\n|.{0,10}\n){0,12}") {
+            let _ = Config::from_toml(&text);
+        }
+
+        #[test]
+        fn durations_never_panic(text in "[0-9.e]{0,30}(ns|us|ms|s|m|h|d)?[0-9.]{0,5}(s|m)?") {
+            if let Ok(d) = parse_duration(&text) {
+                proptest::prop_assert!(d <= Duration::from_secs(366 * 24 * 3600));
+            }
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));

@@ -315,6 +315,7 @@ impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn run(chunks: &[&[u8]]) -> Vec<Verdict> {
         let v = Arc::new(Verdicts::default());
@@ -362,6 +363,92 @@ mod tests {
         assert!(run(&[b"\x00\x01garbage\r\n\r\nGET / HTTP/1.1\r\n\r\n"]).is_empty());
         let huge = vec![b'a'; MAX_HEAD * 2];
         assert!(run(&[b"GET / HTTP/1.1\r\nX: ", &huge]).is_empty());
+    }
+
+    /// One request of a generated keep-alive stream.
+    #[derive(Clone, Debug)]
+    enum Req {
+        Empty,
+        Fixed(Vec<u8>),
+        Chunked(Vec<Vec<u8>>, bool),
+        /// Both Content-Length and Transfer-Encoding.
+        Conflict,
+    }
+
+    fn encode(reqs: &[Req]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            match r {
+                Req::Empty => out.extend(format!("GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n").bytes()),
+                Req::Fixed(body) => {
+                    out.extend(format!("POST /{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).bytes());
+                    out.extend(body);
+                }
+                Req::Chunked(chunks, trailers) => {
+                    out.extend(format!("POST /{i} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").bytes());
+                    for c in chunks.iter().filter(|c| !c.is_empty()) {
+                        out.extend(format!("{:x}\r\n", c.len()).bytes());
+                        out.extend(c);
+                        out.extend(b"\r\n");
+                    }
+                    out.extend(b"0\r\n");
+                    if *trailers {
+                        out.extend(b"X-Check: 1\r\n");
+                    }
+                    out.extend(b"\r\n");
+                }
+                Req::Conflict => out.extend(
+                    format!("POST /{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").bytes(),
+                ),
+            }
+        }
+        out
+    }
+
+    fn req() -> impl Strategy<Value = Req> {
+        // Bodies may contain anything, including bytes that look like request heads.
+        let body = proptest::collection::vec(
+            prop_oneof![any::<u8>(), Just(b'\r'), Just(b'\n'), Just(b'G')],
+            0..300,
+        );
+        prop_oneof![
+            Just(Req::Empty),
+            body.clone().prop_map(Req::Fixed),
+            (proptest::collection::vec(body, 0..4), any::<bool>())
+                .prop_map(|(c, t)| Req::Chunked(c, t)),
+            Just(Req::Conflict),
+        ]
+    }
+
+    proptest! {
+        /// However a valid keep-alive stream is cut into reads, the tracker gives one verdict per request, in
+        /// order, and stops after a conflicting one (hyper closes the connection there).
+        #[test]
+        fn one_verdict_per_request(reqs in proptest::collection::vec(req(), 1..12), cuts in proptest::collection::vec(1usize..64, 1..50)) {
+            let stream = encode(&reqs);
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().cycle() {
+                if at >= stream.len() { break; }
+                let end = (at + c).min(stream.len());
+                pieces.push(&stream[at..end]);
+                at = end;
+            }
+            let got = run(&pieces);
+            let upto = reqs.iter().position(|r| matches!(r, Req::Conflict)).map_or(reqs.len(), |i| i + 1);
+            let want: Vec<Verdict> = reqs[..upto]
+                .iter()
+                .map(|r| if matches!(r, Req::Conflict) { Verdict::ConflictingFraming } else { Verdict::Ok })
+                .collect();
+            prop_assert_eq!(got, want);
+        }
+
+        /// Arbitrary bytes never panic the tracker.
+        #[test]
+        fn garbage_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20)) {
+            let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+            let _ = run(&refs);
+        }
     }
 
     #[test]
