@@ -545,16 +545,12 @@ async fn docker_api_outage_withdraws_nothing_and_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_of_50_containers_matches_docker_ps() {
     let scope = Scope::new("churn").await;
-    let net = scope.network("n").await;
+    // Docker's default bridge, not a network of the test's own: concurrent starts and removals on a
+    // user-defined network occasionally leave it with stale endpoints that only a daemon restart clears
+    // (seen with Engine 20.10), and this test sends no traffic to the containers, only reads their addresses.
+    let net = "bridge";
     let agent = start_agent(&scope, None).await;
-    let args = [
-        "--network",
-        net.as_str(),
-        "-l",
-        ENABLE,
-        "-l",
-        "mesh.service=churn",
-    ];
+    let args = ["--network", net, "-l", ENABLE, "-l", "mesh.service=churn"];
 
     let start_batch = |range: std::ops::Range<usize>| {
         let scope = &scope;
