@@ -21,6 +21,21 @@ async fn setup() -> (Backend, Agent) {
     (b, a)
 }
 
+/// The connection was cut off for its header timeout: counted once, and nothing reached the backend.
+async fn assert_timed_out_unserved(b: Backend, agent: Agent) {
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    let m = metrics(&agent).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    agent.stop().await;
+}
+
 /// Writes `raw`, then reads until the server closes (or 15 s pass).
 async fn exchange(agent: &Agent, raw: &[u8]) -> String {
     let mut s = TcpStream::connect(agent.outbound).await.unwrap();
@@ -160,17 +175,7 @@ async fn slow_header_client_is_cut_off() {
         closed,
         "a client sending one header byte every 2 s was never cut off"
     );
-    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
-    let m = metrics(&agent).await;
-    assert_eq!(
-        sample(
-            &m,
-            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
-        ),
-        1.0,
-        "{m}"
-    );
-    agent.stop().await;
+    assert_timed_out_unserved(b, agent).await;
 }
 
 #[tokio::test]
@@ -211,17 +216,7 @@ async fn silent_connection_is_closed() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "a connection that never sends a byte is kept open: {r:?}"
     );
-    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
-    let m = metrics(&agent).await;
-    assert_eq!(
-        sample(
-            &m,
-            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
-        ),
-        1.0,
-        "{m}"
-    );
-    agent.stop().await;
+    assert_timed_out_unserved(b, agent).await;
 }
 
 #[tokio::test]
@@ -236,15 +231,5 @@ async fn stalled_http2_preface_is_cut_off() {
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "a stalled preface is kept open: {r:?}"
     );
-    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
-    let m = metrics(&agent).await;
-    assert_eq!(
-        sample(
-            &m,
-            "meshd_connection_errors_total{direction=\"outbound\",reason=\"header-timeout\"}"
-        ),
-        1.0,
-        "{m}"
-    );
-    agent.stop().await;
+    assert_timed_out_unserved(b, agent).await;
 }

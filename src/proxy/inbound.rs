@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, Request, Response, Version, header};
+use http::{HeaderMap, Request, Response, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -110,13 +110,6 @@ impl Inbound {
         parts.headers.remove(MESH_ORIG_PROTO);
         append_forwarded_for(&mut parts.headers, conn.peer.ip());
         let uri = super::upstream_uri(local.addr_authority.clone(), &parts.uri);
-        if version == Version::HTTP_11
-            && !parts.headers.contains_key(header::HOST)
-            && let Some(a) = parts.uri.authority()
-            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
-        {
-            parts.headers.insert(header::HOST, v);
-        }
         // The sender's deadline bounds this hop too.
         let mut timeout = self.config.borrow().timeout_for(&service);
         if let Some(left) = read_deadline(&parts.headers) {
