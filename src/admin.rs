@@ -3,9 +3,7 @@
 //! Handlers read shared handles only (a `watch` snapshot of the table, the config, the metrics registry and
 //! the readiness state); nothing here changes the agent.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -13,13 +11,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::readiness::Readiness;
 use crate::routing::{Location, Table};
-use crate::telemetry::Registry;
+use crate::telemetry::Metrics;
 
 /// Config keys whose values are secrets and are never shown by `/v1/config`.
 const SECRET_KEYS: &[&str] = &[
@@ -31,53 +28,13 @@ const SECRET_KEYS: &[&str] = &[
     "gossip_key",
 ];
 
-/// Readiness: ready once every subsystem has given back its token, and not while draining.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    pending: AtomicUsize,
-    draining: AtomicBool,
-}
-
-/// Held by a subsystem until it is ready; dropping it (or calling `ready`) marks it ready.
-#[derive(Debug)]
-pub struct ReadyToken(Arc<Readiness>);
-
-impl Readiness {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Readiness::default())
-    }
-
-    pub fn token(self: &Arc<Self>) -> ReadyToken {
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        ReadyToken(self.clone())
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0 && !self.draining.load(Ordering::SeqCst)
-    }
-}
-
-impl ReadyToken {
-    pub fn ready(self) {}
-}
-
-impl Drop for ReadyToken {
-    fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// What the admin handlers read.
 #[derive(Clone)]
 pub struct AdminState {
     pub config: watch::Receiver<Arc<Config>>,
     pub reload: tokio::sync::mpsc::Sender<crate::reload::Request>,
     pub table: watch::Receiver<Arc<Table>>,
-    pub metrics: Registry,
+    pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
     /// Docker discovery's state (`enabled: false` when it is off).
     pub docker: watch::Receiver<crate::discovery::docker::Status>,
@@ -92,17 +49,6 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/config", get(config))
         .route("/v1/reload", axum::routing::post(reload))
         .with_state(state)
-}
-
-/// Serves the admin API until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    let local: Option<SocketAddr> = listener.local_addr().ok();
-    if let Err(e) = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::warn!(?local, error = %e, "admin server stopped with an error");
-    }
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
@@ -162,7 +108,7 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
             let policy = config.policy_for(&svc.name);
             json!({
                 "name": &*svc.name,
-                "timeout": crate::config::format_duration(policy.timeout),
+                "timeout": crate::util::duration::format(policy.timeout),
                 "load_balancer": policy.load_balancer,
                 "endpoints": endpoints,
             })
@@ -236,16 +182,5 @@ mod tests {
         assert_eq!(v["tls"]["private_key"], "<redacted>");
         assert_eq!(v["tls"]["cert"], "/etc/c.pem");
         assert_eq!(v["list"][0]["token"], "<redacted>");
-    }
-
-    #[test]
-    fn readiness_tokens() {
-        let r = Readiness::new();
-        let t = r.token();
-        assert!(!r.is_ready());
-        t.ready();
-        assert!(r.is_ready());
-        r.set_draining();
-        assert!(!r.is_ready());
     }
 }

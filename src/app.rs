@@ -14,16 +14,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::discovery::docker;
-use crate::proxy::client::Clients;
 use crate::proxy::inbound::{Inbound, InboundHandler};
 use crate::proxy::outbound::{Outbound, OutboundHandler};
-use crate::proxy::server::{self, Versions};
+use crate::proxy::pool::{SWEEP_INTERVAL, Upstreams};
+use crate::proxy::server::{self, Options, Versions};
+use crate::proxy::tunnel::Tunnels;
+use crate::readiness::Readiness;
 use crate::reload;
 use crate::routing::{Router, RoutingHandle, Source, Table};
-use crate::telemetry::{Direction, Registry};
+use crate::telemetry::{Direction, Metrics};
 
 /// An agent whose listeners are bound but not yet serving.
 pub struct Bound {
@@ -37,7 +39,7 @@ pub struct Bound {
     /// Send endpoint updates (the gossip layer uses this for other nodes' endpoints).
     pub routing: RoutingHandle,
     pub table: watch::Receiver<Arc<Table>>,
-    pub metrics: Registry,
+    pub metrics: Metrics,
     outbound_listeners: Vec<TcpListener>,
     inbound_listener: TcpListener,
     admin_listener: TcpListener,
@@ -50,8 +52,32 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("{key}: cannot listen on {addr}"))
 }
 
+/// Raises the soft limit on open files to the hard limit: a proxy holds two descriptors per request in flight,
+/// and the usual soft limit of 1,024 would block it after a few hundred idle connections.
+fn raise_open_file_limit(config: &Config) {
+    let wanted = config.outbound.limits.max_connections * config.outbound.listen.len()
+        + config.inbound.limits.max_connections
+        + config.admin.limits.max_connections;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(limit, "open file limit");
+            // Each client connection may need an upstream one as well.
+            if (limit as usize) < 2 * wanted {
+                tracing::warn!(
+                    limit,
+                    max_connections = wanted,
+                    "the open file limit is below twice the listeners' max_connections: raise LimitNOFILE \
+                     (or ulimit -n), or lower max_connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}
+
 /// Binds every listener and prepares the subsystems.
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    raise_open_file_limit(&config);
     let mut outbound_listeners = Vec::new();
     for (i, addr) in config.outbound.listen.iter().enumerate() {
         outbound_listeners.push(bind(*addr, &format!("outbound.listen[{i}]")).await?);
@@ -70,7 +96,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config_path: None,
         routing,
         table,
-        metrics: Registry::new(),
+        metrics: Metrics::new(),
         outbound_listeners,
         inbound_listener,
         admin_listener,
@@ -161,25 +187,34 @@ impl Bound {
         }
         discovery_synced.ready();
 
-        let clients = Clients::new();
+        let upstreams = Upstreams::new(metrics.upstream.clone());
+        let sweeper = tokio::spawn(sweep_pools(table.clone(), stop_router.clone()));
         let drain = config.node.drain_timeout;
+        let outbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Outbound.as_str());
+        let inbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Inbound.as_str());
         let mut proxies = JoinSet::new();
         let outbound = OutboundHandler(Arc::new(Outbound {
             config: config_rx.clone(),
             table: table.clone(),
-            clients: clients.clone(),
+            upstreams: upstreams.clone(),
             metrics: metrics.proxy.clone(),
             policy_metrics: metrics.policy.clone(),
+            tunnels: outbound_tunnels.clone(),
         }));
+        let outbound_opts = Options {
+            direction: Direction::Outbound,
+            versions: Versions::Auto,
+            limits: config.outbound.limits,
+            drain,
+            follow_framing: true,
+        };
         for listener in outbound_listeners {
             proxies.spawn(server::serve(
                 listener,
-                Direction::Outbound,
-                Versions::Auto,
+                outbound_opts,
                 outbound.clone(),
                 metrics.proxy.clone(),
                 stop_proxies.clone(),
-                drain,
             ));
         }
         if config.inbound.insecure_plaintext {
@@ -195,29 +230,43 @@ impl Bound {
         }
         proxies.spawn(server::serve(
             inbound_listener,
-            Direction::Inbound,
-            Versions::H2Only,
+            Options {
+                direction: Direction::Inbound,
+                versions: Versions::H2Only,
+                limits: config.inbound.limits,
+                drain,
+                follow_framing: false,
+            },
             InboundHandler(Arc::new(Inbound {
                 config: config_rx.clone(),
                 table: table.clone(),
-                clients,
+                upstreams,
                 metrics: metrics.proxy.clone(),
+                tunnels: inbound_tunnels.clone(),
             })),
             metrics.proxy.clone(),
             stop_proxies.clone(),
-            drain,
         ));
-        let admin_task = tokio::spawn(admin::serve(
+        let admin_router = admin::router(AdminState {
+            config: config_rx.clone(),
+            reload: reload_tx,
+            table: table.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            docker: docker_status,
+        });
+        let admin_task = tokio::spawn(server::serve_with(
             admin_listener,
-            AdminState {
-                config: config_rx.clone(),
-                reload: reload_tx,
-                table: table.clone(),
-                metrics: metrics.clone(),
-                readiness: readiness.clone(),
-                docker: docker_status,
+            Options {
+                direction: Direction::Admin,
+                versions: Versions::Auto,
+                limits: config.admin.limits,
+                drain,
+                follow_framing: false,
             },
+            metrics.proxy.clone(),
             stop_admin.clone(),
+            move |_| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
         ));
         for l in &outbound_addrs {
             tracing::info!(direction = "outbound", addr = %l, "listening");
@@ -228,12 +277,18 @@ impl Bound {
 
         shutdown.await;
         readiness.set_draining();
+        let drain_deadline = tokio::time::Instant::now() + drain;
         stop_proxies.cancel();
         while let Some(res) = proxies.join_next().await {
             if let Err(e) = res {
                 tracing::error!(error = %e, "a listener task failed");
             }
         }
+        // Upgraded connections (WebSocket) get the same deadline as requests.
+        tokio::join!(
+            outbound_tunnels.drain(drain_deadline),
+            inbound_tunnels.drain(drain_deadline)
+        );
         stop_admin.cancel();
         stop_router.cancel();
         let _ = admin_task.await;
@@ -243,7 +298,27 @@ impl Bound {
             let _ = t.await;
         }
         table_watch.abort();
+        let _ = sweeper.await;
         tracing::info!("meshd stopped");
         Ok(())
+    }
+}
+
+/// Closes pooled connections that have been idle too long, across every endpoint in the table.
+async fn sweep_pools(table: watch::Receiver<Arc<Table>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = table.borrow().clone();
+        let now = std::time::Instant::now();
+        for svc in snapshot.services.values() {
+            for ep in &svc.endpoints {
+                ep.state.pool.sweep(now);
+            }
+        }
     }
 }

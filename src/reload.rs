@@ -2,8 +2,8 @@
 //! every reader at once (policies apply to new requests; connections and endpoint statistics stay); an
 //! invalid one is refused with its list of problems, counted, and the old one stays.
 //!
-//! Owns the config `watch` sender. Listener addresses, the node name and logging are read once at start:
-//! a change to them is reported as needing a restart.
+//! Owns the config `watch` sender. Listener addresses and limits, the node name, Docker discovery and logging
+//! are read once at start: a change to them is reported as needing a restart.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -75,6 +75,11 @@ fn reload(
     if new.outbound.listen != old.outbound.listen {
         restart.push("outbound.listen");
     }
+    if new.outbound.limits != old.outbound.limits
+        || new.outbound.upgrade_idle_timeout != old.outbound.upgrade_idle_timeout
+    {
+        restart.push("outbound timeouts and max_connections");
+    }
     if new.inbound != old.inbound {
         restart.push("inbound");
     }
@@ -92,6 +97,8 @@ fn reload(
     }
     // Settings read only at start keep their running values, so /v1/config shows what is in effect.
     new.outbound.listen = old.outbound.listen.clone();
+    new.outbound.limits = old.outbound.limits;
+    new.outbound.upgrade_idle_timeout = old.outbound.upgrade_idle_timeout;
     new.inbound = old.inbound.clone();
     new.admin = old.admin.clone();
     new.node = old.node.clone();

@@ -110,26 +110,115 @@ async fn failing_endpoint_is_ejected_then_probed_once_then_restored() {
 }
 
 #[tokio::test]
-async fn all_breakers_open_fails_fast() {
-    let b = backend("down").await;
+async fn with_every_endpoint_ejected_requests_go_to_the_one_that_failed_longest_ago() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    a.faults.set_status(500);
     b.faults.set_status(500);
     let agent = agent(&format!(
-        "{}[services.one]\nretry = {{ max_attempts = 1 }}\ncircuit_breaker = {{ failures = 2, backoff = {{ min = \"30s\", max = \"60s\" }} }}\n",
-        statics(&[("one", &[b.addr])])
+        "{}[services.two]\nload_balancer = \"round-robin\"\nmax_ejection_percent = 100\nretry = {{ max_attempts = 1 }}\ncircuit_breaker = {{ failures = 2, backoff = {{ min = \"30s\", max = \"60s\" }} }}\n",
+        statics(&[("two", &[a.addr, b.addr])])
     ))
     .await;
-    for _ in 0..2 {
+    // a, b, a, b: both reach two failures and are ejected.
+    for _ in 0..4 {
         assert_eq!(
-            get(&agent, "one", "/").await.status,
+            get(&agent, "two", "/").await.status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }
-    let got = get(&agent, "one", "/").await;
     assert_eq!(
-        (got.status, got.header("mesh-error")),
-        (StatusCode::SERVICE_UNAVAILABLE, "breaker-open")
+        endpoint_view(&agent, "two", a.addr).await["breaker"],
+        "open"
     );
-    assert_eq!(hits(&b), 2);
+    assert_eq!(
+        endpoint_view(&agent, "two", b.addr).await["breaker"],
+        "open"
+    );
+    // No local "breaker-open" failure: each request goes to the endpoint that failed longest ago.
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let got = get(&agent, "two", "/").await;
+        assert_eq!(got.status, StatusCode::INTERNAL_SERVER_ERROR, "{got:?}");
+        assert_eq!(got.header("mesh-error"), "");
+        order.push(got.header("x-backend").to_string());
+    }
+    assert_eq!(order, ["a", "b", "a", "b"]);
+    // a recovers. Its successes do not close its breaker (only a probe does), but they keep it the endpoint
+    // that failed longest ago, so it gets every request while b keeps failing.
+    a.faults.set_status(0);
+    for _ in 0..5 {
+        let got = get(&agent, "two", "/").await;
+        assert_eq!((got.status, got.header("x-backend")), (StatusCode::OK, "a"));
+    }
+    assert_eq!(hits(&b), 4);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn backends_that_start_after_meshd_serve_everything_once_up() {
+    // Two free ports, nothing listening yet.
+    let ports: Vec<SocketAddr> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let agent = agent(&statics(&[("late", &ports)])).await;
+    let url = agent.url("/");
+    let client = h1_client();
+    let started = Instant::now();
+    let traffic = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while started.elapsed() < Duration::from_millis(3500) {
+            let req = http::Request::get(url.as_str())
+                .header("host", "late")
+                .body(full(""))
+                .unwrap();
+            let sent = started.elapsed();
+            let got = read(client.request(req).await.unwrap()).await;
+            seen.push((sent, got.status, got.header("mesh-error").to_string()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let binding = started.elapsed();
+    let backends = [
+        backend_on(ports[0], "first").await,
+        backend_on(ports[1], "second").await,
+    ];
+    let up = started.elapsed();
+    let seen = traffic.await.unwrap();
+    let before: Vec<_> = seen.iter().filter(|(t, _, _)| *t < binding).collect();
+    let after: Vec<_> = seen.iter().filter(|(t, _, _)| *t >= up).collect();
+    assert!(
+        !before.is_empty() && after.len() > 50,
+        "{} before, {} after",
+        before.len(),
+        after.len()
+    );
+    // Before the backends listen, every request fails as a connect failure, never as a local breaker-open.
+    assert!(
+        before
+            .iter()
+            .all(|(_, s, e)| *s == StatusCode::BAD_GATEWAY && e == "connect-failed"),
+        "{before:?}"
+    );
+    // Once both listen, every request is served: the breakers that opened during start-up eject at most half
+    // of the endpoints (max_ejection_percent = 50), so one endpoint always stays in rotation.
+    let failed: Vec<_> = after
+        .iter()
+        .filter(|(_, s, _)| *s != StatusCode::OK)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed after start-up: {failed:?}",
+        failed.len(),
+        after.len()
+    );
+    assert!(backends.iter().map(hits).sum::<usize>() >= after.len());
     agent.stop().await;
 }
 
@@ -173,15 +262,11 @@ async fn grpc_unavailable_counts_as_failure_in_headers_and_trailers() {
         stream.message().await.unwrap_err().code(),
         tonic::Code::Unavailable
     );
-    // NOT_FOUND is not a failure by default, so it would not have opened the breaker; three UNAVAILABLEs do.
-    let err = grpc_unary(&mut client, GRPC_UNARY, "x").await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert_eq!(
-        err.metadata()
-            .get("mesh-error")
-            .and_then(|v| v.to_str().ok()),
-        Some("breaker-open")
-    );
+    // Three UNAVAILABLEs (two in headers, one in trailers) opened the breaker.
+    assert_eq!(endpoint_view(&agent, "g", b.addr).await["breaker"], "open");
+    // It is the only endpoint, so it still gets requests (meshd never fails locally while endpoints exist).
+    let reply = grpc_unary(&mut client, GRPC_UNARY, "x").await.unwrap();
+    assert_eq!(reply.backend, "grpc");
     agent.stop().await;
 }
 

@@ -176,11 +176,6 @@ async fn inbound_forwards_only_to_its_own_endpoints() {
             good[1].clone(),
             good[2].clone(),
         ],
-        vec![
-            good[0].clone(),
-            good[1].clone(),
-            ("mesh-orig-proto", "SPDY/3".to_string()),
-        ],
     ];
     for headers in &cases {
         let got = to_inbound(b.inbound, headers).await;
@@ -188,6 +183,18 @@ async fn inbound_forwards_only_to_its_own_endpoints() {
         assert_eq!(got.header("mesh-error"), "forbidden");
     }
     assert_eq!(other.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // mesh-orig-proto is advisory: this node speaks the protocol its own discovery lists (HTTP/1.1 here),
+    // whatever the peer says, or when it says nothing.
+    for proto in [Some("HTTP/2"), Some("SPDY/3"), None] {
+        let mut headers = vec![good[0].clone(), good[1].clone()];
+        if let Some(p) = proto {
+            headers.push(("mesh-orig-proto", p.to_string()));
+        }
+        let got = to_inbound(b.inbound, &headers).await;
+        assert_eq!(got.status, StatusCode::OK, "{proto:?}");
+        assert_eq!(got.header("x-seen-version"), "HTTP/1.1", "{proto:?}");
+    }
 
     // HTTP/1.1 on the inbound port is not served at all.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,14 +10,23 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::{Problems, Seg, parse_duration, ser_duration, ser_opt_duration};
+use super::{Problems, Seg};
 use crate::policy::balance::LoadBalancer;
-use crate::policy::breaker::{Backoff, BreakerConfig, BreakerKind};
+use crate::policy::breaker::{BreakerConfig, BreakerKind};
 use crate::policy::budget::BudgetConfig;
 use crate::policy::fault::{AbortFault, DelayFault, FaultConfig};
 use crate::policy::ratelimit::RateLimitConfig;
 use crate::policy::route::{Route, SplitTarget};
+use crate::util::Backoff;
+use crate::util::duration::{self, parse as parse_duration};
 
+/// Time allowed to open a connection to an endpoint; past it the attempt is a connect failure (retried on
+/// another endpoint, counted by the breaker).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most of a service's endpoints that breakers may eject at once, in percent. At least one endpoint may
+/// always be ejected (unless this is 0); past the limit a failing endpoint stays in rotation, and when every
+/// endpoint is ejected requests still go to the one that failed longest ago.
+pub const DEFAULT_MAX_EJECTION_PERCENT: f64 = 50.0;
 /// Default balancer.
 pub const DEFAULT_LOAD_BALANCER: LoadBalancer = LoadBalancer::P2cEwma;
 /// Share of requests that may be retried, on top of the reserve.
@@ -56,7 +65,9 @@ pub const DEFAULT_FAILURE_ON: &[&str] = &[
 pub struct RawPolicy {
     pub timeout: Option<String>,
     pub per_try_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
     pub load_balancer: Option<String>,
+    pub max_ejection_percent: Option<f64>,
     pub retry: Option<RawRetry>,
     pub circuit_breaker: Option<RawBreaker>,
     pub fault: Option<RawFault>,
@@ -152,11 +163,14 @@ pub struct RawMatch {
 /// A service's effective policy.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServicePolicy {
-    #[serde(serialize_with = "ser_duration")]
+    #[serde(serialize_with = "duration::ser")]
     pub timeout: Duration,
-    #[serde(serialize_with = "ser_opt_duration")]
+    #[serde(serialize_with = "duration::ser_opt")]
     pub per_try_timeout: Option<Duration>,
+    #[serde(serialize_with = "duration::ser")]
+    pub connect_timeout: Duration,
     pub load_balancer: LoadBalancer,
+    pub max_ejection_percent: f64,
     pub retry: RetryPolicy,
     pub circuit_breaker: BreakerPolicy,
     pub fault: Option<FaultConfig>,
@@ -345,6 +359,15 @@ fn d(s: &Option<String>) -> Option<Duration> {
 pub(super) fn validate(pr: &mut Problems, base: &[Seg], raw: &RawPolicy, is_defaults: bool) {
     dur(pr, at(base, &["timeout"]), &raw.timeout);
     dur(pr, at(base, &["per_try_timeout"]), &raw.per_try_timeout);
+    dur(pr, at(base, &["connect_timeout"]), &raw.connect_timeout);
+    if let Some(x) = raw.max_ejection_percent
+        && !(0.0..=100.0).contains(&x)
+    {
+        pr.push(
+            at(base, &["max_ejection_percent"]),
+            format!("{x}: between 0 (never eject) and 100"),
+        );
+    }
     if let Some(lb) = &raw.load_balancer
         && LoadBalancer::parse(lb).is_none()
     {
@@ -574,8 +597,8 @@ pub(super) fn validate_resolved(pr: &mut Problems, base: &[Seg], pol: &ServicePo
             at(base, &["circuit_breaker", "backoff"]),
             format!(
                 "max {} is less than min {} (one of them may come from [defaults])",
-                super::format_duration(b.max),
-                super::format_duration(b.min)
+                duration::format(b.max),
+                duration::format(b.min)
             ),
         );
     }
@@ -591,6 +614,12 @@ pub(super) fn resolve(
     let pick = |f: fn(&RawPolicy) -> Option<&String>| svc.and_then(f).or_else(|| f(def)).cloned();
     let timeout = d(&pick(|p| p.timeout.as_ref())).unwrap_or(default_timeout);
     let per_try_timeout = d(&pick(|p| p.per_try_timeout.as_ref()));
+    let connect_timeout =
+        d(&pick(|p| p.connect_timeout.as_ref())).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let max_ejection_percent = svc
+        .and_then(|s| s.max_ejection_percent)
+        .or(def.max_ejection_percent)
+        .unwrap_or(DEFAULT_MAX_EJECTION_PERCENT);
     let load_balancer = pick(|p| p.load_balancer.as_ref())
         .and_then(|s| LoadBalancer::parse(&s))
         .unwrap_or(DEFAULT_LOAD_BALANCER);
@@ -714,7 +743,9 @@ pub(super) fn resolve(
     ServicePolicy {
         timeout,
         per_try_timeout,
+        connect_timeout,
         load_balancer,
+        max_ejection_percent,
         retry,
         circuit_breaker,
         fault,
@@ -734,6 +765,8 @@ mod tests {
         let cfg = Config::from_toml("").unwrap();
         let p = cfg.policy_for("anything");
         assert_eq!(p.load_balancer, LoadBalancer::P2cEwma);
+        assert_eq!(p.connect_timeout, Duration::from_secs(1));
+        assert_eq!(p.max_ejection_percent, 50.0);
         assert_eq!(p.retry.max_attempts, 3);
         assert!(p.retry.on.connect_failure && p.retry.on.refused_stream && !p.retry.on.timeout);
         assert!(p.retry.on.statuses.is_empty());
@@ -756,11 +789,14 @@ mod tests {
             r#"
 [defaults]
 timeout = "2s"
+connect_timeout = "300ms"
+max_ejection_percent = 30
 load_balancer = "least-request"
 retry = { budget_ratio = 0.1, max_attempts = 2 }
 circuit_breaker = { failures = 3, backoff = { min = "500ms" } }
 
 [services.web]
+max_ejection_percent = 100
 retry = { max_attempts = 4, on = ["connect-failure", "503", "timeout"] }
 circuit_breaker = { kind = "success-rate", window = "10s", min_requests = 5, threshold = 0.9 }
 fault = { delay = { percent = 5, duration = "100ms" }, abort = { percent = 1.5, status = 503 }, allow_header_override = true }
@@ -773,6 +809,13 @@ routes = [{ match = { header = { "X-Canary" = "1" } }, service = "web-v2" }, { m
         let web = cfg.policy_for("web");
         assert_eq!(web.timeout, Duration::from_secs(2), "from [defaults]");
         assert_eq!(web.load_balancer, LoadBalancer::LeastRequest);
+        assert_eq!(
+            web.connect_timeout,
+            Duration::from_millis(300),
+            "from [defaults]"
+        );
+        assert_eq!(web.max_ejection_percent, 100.0);
+        assert_eq!(cfg.policy_for("other").max_ejection_percent, 30.0);
         assert_eq!(web.retry.max_attempts, 4);
         assert_eq!(web.retry.budget_ratio, 0.1, "kept from [defaults]");
         assert_eq!(web.retry.min_per_second, DEFAULT_MIN_RETRIES_PER_SECOND);
@@ -814,6 +857,8 @@ routes = [{ match = { header = { "X-Canary" = "1" } }, service = "web-v2" }, { m
             r#"
 [defaults]
 load_balancer = "random"
+connect_timeout = "0s"
+max_ejection_percent = 120
 retry = { max_attempts = 0, on = ["sometimes"] }
 fault = { abort = { percent = 10, status = 503 } }
 
@@ -829,6 +874,8 @@ fault = { delay = { percent = 120, duration = "soon" }, abort = { percent = 1, s
         let paths: Vec<&str> = e.0.iter().map(|p| p.path.as_str()).collect();
         for want in [
             "defaults.load_balancer",
+            "defaults.connect_timeout",
+            "defaults.max_ejection_percent",
             "defaults.retry.max_attempts",
             "defaults.retry.on",
             "defaults.fault",

@@ -1,7 +1,7 @@
 //! Docker discovery: this host's containers, found through the Docker Engine API (bollard), as this host's
 //! `Source::Docker` endpoint set.
 //!
-//! **Owns** the view of the local containers (a [`Tracker`]) and the connection to the Docker API.
+//! **Owns** the view of the local containers (a [`ContainerSet`]) and the connection to the Docker API.
 //! **Reads** the Docker API with GET requests only — `/version`, `/containers/json`, `/containers/{id}/json`
 //! and `/events` — never creating, changing or removing anything, so it works through a read-only socket proxy
 //! (docs/security.md). **Writes** one thing: `Update::SetLocal { source: Source::Docker, .. }` to the router,
@@ -9,10 +9,10 @@
 //! It must not route, gossip, or touch other sources' endpoints.
 //!
 //! The file has two halves:
-//! - **Pure** (no I/O, unit-tested below): labels → [`Verdict`] ([`classify`]: service name, port, protocol,
+//! - **Pure** (no I/O, unit-tested below): labels → [`Exposure`] ([`classify`]: service name, port, protocol,
 //!   network/address choice, weight, node ownership), health gating ([`is_routable`]), which `kill` signals stop
-//!   a container ([`kill_stops`]), the [`Tracker`] that turns events and resyncs into an endpoint set, and the
-//!   reconnect [`Backoff`].
+//!   a container ([`kill_stops`]), the [`ContainerSet`] that turns events and resyncs into an endpoint set, and the
+//!   reconnect backoff ([`RECONNECT_BACKOFF`]).
 //! - **I/O** ([`DockerDiscovery::run`]): connect (`discovery.docker.host`, else `DOCKER_HOST`, else the default
 //!   socket) → negotiate the API version → list + inspect every running container → follow the event stream,
 //!   with a full resync every [`RESYNC_INTERVAL`]. Any error or end of stream restarts that sequence after an
@@ -36,10 +36,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admin::ReadyToken;
 use crate::config::{Config, Protocol, check_service_name};
+use crate::readiness::ReadyToken;
 use crate::routing::{DEFAULT_WEIGHT, EndpointSpec, RoutingHandle, Source, Table, Update};
 use crate::telemetry::metrics::DiscoveryMetrics;
+use crate::util::Backoff;
 
 /// A full list + inspect this often repairs anything the event stream missed.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
@@ -47,6 +48,14 @@ pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnect delay; retries continue at this pace forever.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Up to this fraction of each reconnect delay is added at random, so agents sharing a daemon do not retry in step.
+pub const BACKOFF_JITTER: f64 = 0.2;
+/// The reconnect backoff.
+pub const RECONNECT_BACKOFF: Backoff = Backoff {
+    min: BACKOFF_MIN,
+    max: BACKOFF_MAX,
+    jitter: BACKOFF_JITTER,
+};
 /// Bound on any single Docker API call (connect, version, list, inspect).
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Inspects run at most this many at a time during a resync.
@@ -251,8 +260,8 @@ pub struct Skip {
     pub detail: String,
 }
 
-fn skip(reason: SkipReason, detail: impl Into<String>) -> Verdict {
-    Verdict::Skip(Skip {
+fn skip(reason: SkipReason, detail: impl Into<String>) -> Exposure {
+    Exposure::Skip(Skip {
         reason,
         detail: detail.into(),
     })
@@ -260,7 +269,7 @@ fn skip(reason: SkipReason, detail: impl Into<String>) -> Verdict {
 
 /// What discovery makes of a container's labels, whatever its run state.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Exposure {
     /// An endpoint (routable only while [`is_routable`]). `warning` explains an address chosen by the
     /// several-networks rule.
     Route {
@@ -284,17 +293,17 @@ fn parse_bool(s: &str) -> Option<bool> {
 
 /// Turns a container's labels into an endpoint, or says why not. Order: one-off → enable → node → service →
 /// port → protocol → weight → address.
-pub fn classify(c: &Container, rules: &Rules) -> Verdict {
+pub fn classify(c: &Container, rules: &Rules) -> Exposure {
     let label = |k: &str| c.labels.get(k).map(|v| v.trim());
     if label(LABEL_COMPOSE_ONEOFF).and_then(parse_bool) == Some(true) {
-        return Verdict::Ignore("compose one-off container");
+        return Exposure::Ignore("compose one-off container");
     }
     match label(LABEL_ENABLE) {
-        None if !rules.expose_by_default => return Verdict::Ignore("mesh.enable is not set"),
+        None if !rules.expose_by_default => return Exposure::Ignore("mesh.enable is not set"),
         None => {}
         Some(v) => match parse_bool(v) {
             Some(true) => {}
-            Some(false) => return Verdict::Ignore("mesh.enable=false"),
+            Some(false) => return Exposure::Ignore("mesh.enable=false"),
             None => {
                 return skip(
                     SkipReason::BadEnable,
@@ -306,8 +315,8 @@ pub fn classify(c: &Container, rules: &Rules) -> Verdict {
     if let Some(key) = &rules.node_label {
         match label(key) {
             Some(v) if v == rules.node_name => {}
-            Some(_) => return Verdict::Ignore("belongs to another node"),
-            None => return Verdict::Ignore("no node label"),
+            Some(_) => return Exposure::Ignore("belongs to another node"),
+            None => return Exposure::Ignore("no node label"),
         }
     }
 
@@ -395,7 +404,7 @@ pub fn classify(c: &Container, rules: &Rules) -> Verdict {
         Ok(found) => found,
         Err(v) => return v,
     };
-    Verdict::Route {
+    Exposure::Route {
         spec: EndpointSpec {
             service,
             addr: SocketAddr::new(ip, port),
@@ -409,7 +418,7 @@ pub fn classify(c: &Container, rules: &Rules) -> Verdict {
 /// The address rule (docs/docker.md): host network → the node's address; `mesh.network` → that network
 /// (also `<compose project>_<name>`); else the only network that is not `ingress`; else the first such network
 /// by name, with a warning. On the chosen network IPv4 is preferred, else its global IPv6 address.
-fn choose_address(c: &Container, rules: &Rules) -> Result<(IpAddr, Option<String>), Verdict> {
+fn choose_address(c: &Container, rules: &Rules) -> Result<(IpAddr, Option<String>), Exposure> {
     if c.network_mode == "host" {
         return Ok((rules.host_ip, None));
     }
@@ -542,7 +551,7 @@ pub fn action_label(action: &str) -> &'static str {
 }
 
 /// Something the I/O layer should log (and count) after a container was (re)classified. Returned only when
-/// the verdict changed, so a resync does not repeat them.
+/// the exposure changed, so a resync does not repeat them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Note {
     Skipped { container: String, skip: Skip },
@@ -550,25 +559,25 @@ pub enum Note {
 }
 
 #[derive(Clone, Debug)]
-struct Tracked {
+struct Known {
     container: Container,
-    verdict: Verdict,
+    exposure: Exposure,
 }
 
-/// Every running container discovery knows of, with its verdict, and which are stopping. Pure: the I/O loop
+/// Every running container discovery knows of, with its exposure, and which are stopping. Pure: the I/O loop
 /// feeds it inspect results and events, and reads the endpoint set back.
 #[derive(Debug)]
-pub struct Tracker {
+pub struct ContainerSet {
     rules: Rules,
-    containers: HashMap<String, Tracked>,
+    containers: HashMap<String, Known>,
     /// Containers sent their stop signal: withdrawn until that run ends, even while still running (draining).
     /// Value: the `StartedAt` of the run that was stopped, so a later run is routable again.
     stopping: HashMap<String, String>,
 }
 
-impl Tracker {
-    pub fn new(rules: Rules) -> Tracker {
-        Tracker {
+impl ContainerSet {
+    pub fn new(rules: Rules) -> ContainerSet {
+        ContainerSet {
             rules,
             containers: HashMap::new(),
             stopping: HashMap::new(),
@@ -582,7 +591,7 @@ impl Tracker {
             self.remove(&c.id);
             return None;
         }
-        let verdict = classify(&c, &self.rules);
+        let exposure = classify(&c, &self.rules);
         if let Some(run) = self.stopping.get(&c.id)
             && (run != &c.state.started_at || !c.state.running)
         {
@@ -591,14 +600,14 @@ impl Tracker {
         let changed = self
             .containers
             .get(&c.id)
-            .is_none_or(|old| old.verdict != verdict);
-        let note = match (&verdict, changed) {
-            (Verdict::Skip(s), true) => Some(Note::Skipped {
+            .is_none_or(|old| old.exposure != exposure);
+        let note = match (&exposure, changed) {
+            (Exposure::Skip(s), true) => Some(Note::Skipped {
                 container: c.name.clone(),
                 skip: s.clone(),
             }),
             (
-                Verdict::Route {
+                Exposure::Route {
                     warning: Some(w), ..
                 },
                 true,
@@ -610,9 +619,9 @@ impl Tracker {
         };
         self.containers.insert(
             c.id.clone(),
-            Tracked {
+            Known {
                 container: c,
-                verdict,
+                exposure,
             },
         );
         note
@@ -683,42 +692,14 @@ impl Tracker {
             .containers
             .iter()
             .filter(|(id, t)| is_routable(&t.container.state) && !self.stopping.contains_key(*id))
-            .filter_map(|(_, t)| match &t.verdict {
-                Verdict::Route { spec, .. } => Some(spec.clone()),
+            .filter_map(|(_, t)| match &t.exposure {
+                Exposure::Route { spec, .. } => Some(spec.clone()),
                 _ => None,
             })
             .collect();
         out.sort();
         out.dedup();
         out
-    }
-}
-
-/// Exponential backoff between reconnects: `min`, doubling, capped at `max`.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(self.max);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
     }
 }
 
@@ -836,7 +817,7 @@ pub fn detect_local_docker() -> Option<String> {
 pub struct DockerDiscovery {
     /// `discovery.docker.host`; `None` means `DOCKER_HOST`, then the default socket.
     host: Option<String>,
-    tracker: Tracker,
+    containers: ContainerSet,
     routing: RoutingHandle,
     table: watch::Receiver<Arc<Table>>,
     metrics: DiscoveryMetrics,
@@ -884,7 +865,7 @@ impl DockerDiscovery {
         metrics.degraded.with_label_values(&["docker"]).set(0);
         DockerDiscovery {
             host,
-            tracker: Tracker::new(Rules::from_config(config)),
+            containers: ContainerSet::new(Rules::from_config(config)),
             routing,
             table,
             metrics,
@@ -901,15 +882,17 @@ impl DockerDiscovery {
 
     /// Follows the Docker API until `shutdown`, reconnecting forever.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        // Consecutive failed sessions; reset by a successful sync.
+        let mut failures = 0u32;
         tracing::info!(host = %self.status.borrow().host, "docker discovery starting");
         loop {
             let err = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                e = self.session(&mut backoff) => e,
+                e = self.session(&mut failures) => e,
             };
             self.set_degraded(&err);
-            let delay = backoff.next_delay();
+            let delay = RECONNECT_BACKOFF.delay(failures, fastrand::f64());
+            failures = failures.saturating_add(1);
             tracing::debug!(error = %err, retry_in = ?delay, "docker API attempt failed");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -919,8 +902,8 @@ impl DockerDiscovery {
     }
 
     /// One connection: connect, resync, follow events. Returns only with the error that ended it.
-    async fn session(&mut self, backoff: &mut Backoff) -> DockerError {
-        match self.session_inner(backoff).await {
+    async fn session(&mut self, failures: &mut u32) -> DockerError {
+        match self.session_inner(failures).await {
             Ok(never) => match never {},
             Err(e) => e,
         }
@@ -928,12 +911,12 @@ impl DockerDiscovery {
 
     async fn session_inner(
         &mut self,
-        backoff: &mut Backoff,
+        failures: &mut u32,
     ) -> Result<std::convert::Infallible, DockerError> {
         let docker = self.connect().await?;
         let sync_started = unix_nanos_now();
         self.resync(&docker).await?;
-        backoff.reset();
+        *failures = 0;
         self.set_synced().await;
 
         // Resume from the last event seen, or from just before this resync when that is later: everything
@@ -1005,7 +988,7 @@ impl DockerDiscovery {
         }
     }
 
-    /// Lists and inspects every running container, replaces the tracker's view, and publishes the difference.
+    /// Lists and inspects every running container, replaces the container set, and publishes the difference.
     async fn resync(&mut self, docker: &Docker) -> Result<(), DockerError> {
         let opts = ListContainersOptionsBuilder::default().all(false).build();
         let list = call("GET /containers/json", docker.list_containers(Some(opts))).await?;
@@ -1022,7 +1005,7 @@ impl DockerDiscovery {
                 containers.push(c);
             }
         }
-        let notes = self.tracker.replace_all(containers);
+        let notes = self.containers.replace_all(containers);
         self.report(notes);
         self.publish();
         Ok(())
@@ -1031,10 +1014,10 @@ impl DockerDiscovery {
     async fn refresh(&mut self, docker: &Docker, id: &str) -> Result<(), DockerError> {
         match inspect(docker, id).await? {
             Some(c) => {
-                let note = self.tracker.upsert(c);
+                let note = self.containers.upsert(c);
                 self.report(note);
             }
-            None => self.tracker.remove(id),
+            None => self.containers.remove(id),
         }
         Ok(())
     }
@@ -1064,27 +1047,27 @@ impl DockerDiscovery {
         match base {
             "kill" => {
                 let signal = attrs.get("signal").map(String::as_str);
-                if !self.tracker.on_kill(&id, signal) {
+                if !self.containers.on_kill(&id, signal) {
                     // Not seen before (its start was missed): read it, then apply the kill to it.
                     self.refresh(docker, &id).await?;
-                    self.tracker.on_kill(&id, signal);
+                    self.containers.on_kill(&id, signal);
                 }
             }
-            "die" | "stop" => self.tracker.on_exit(&id),
-            "destroy" => self.tracker.remove(&id),
+            "die" | "stop" => self.containers.on_exit(&id),
+            "destroy" => self.containers.remove(&id),
             "pause" => {
-                if !self.tracker.on_pause(&id) {
+                if !self.containers.on_pause(&id) {
                     self.refresh(docker, &id).await?;
                 }
             }
             "health_status" => match detail.and_then(Health::parse) {
-                Some(h) if self.tracker.on_health(&id, h) => {}
+                Some(h) if self.containers.on_health(&id, h) => {}
                 _ => self.refresh(docker, &id).await?,
             },
             // start, restart, unpause, rename, connect, disconnect: read the container afresh.
             _ => {
                 // A network event for a container that is not running (or not ours) needs no inspect.
-                if matches!(base, "connect" | "disconnect") && !self.tracker.contains(&id) {
+                if matches!(base, "connect" | "disconnect") && !self.containers.contains(&id) {
                     return Ok(());
                 }
                 self.refresh(docker, &id).await?;
@@ -1118,7 +1101,7 @@ impl DockerDiscovery {
 
     /// Sends the endpoint set to the router when it changed.
     fn publish(&mut self) {
-        let endpoints = self.tracker.endpoints();
+        let endpoints = self.containers.endpoints();
         if self.published.as_ref() == Some(&endpoints) {
             return;
         }
@@ -1268,16 +1251,16 @@ mod tests {
         }
     }
 
-    fn route(v: &Verdict) -> &EndpointSpec {
+    fn route(v: &Exposure) -> &EndpointSpec {
         match v {
-            Verdict::Route { spec, .. } => spec,
+            Exposure::Route { spec, .. } => spec,
             other => panic!("expected a route, got {other:?}"),
         }
     }
 
-    fn reason(v: &Verdict) -> SkipReason {
+    fn reason(v: &Exposure) -> SkipReason {
         match v {
-            Verdict::Skip(s) => s.reason,
+            Exposure::Skip(s) => s.reason,
             other => panic!("expected a skip, got {other:?}"),
         }
     }
@@ -1299,10 +1282,10 @@ mod tests {
     #[test]
     fn enable_label_and_expose_by_default() {
         let r = rules();
-        assert!(matches!(classify(&container(&[]), &r), Verdict::Ignore(_)));
+        assert!(matches!(classify(&container(&[]), &r), Exposure::Ignore(_)));
         assert!(matches!(
             classify(&container(&[("mesh.enable", "false")]), &r),
-            Verdict::Ignore(_)
+            Exposure::Ignore(_)
         ));
         assert_eq!(
             reason(&classify(&container(&[("mesh.enable", "yes")]), &r)),
@@ -1314,11 +1297,11 @@ mod tests {
         };
         assert!(matches!(
             classify(&container(&[]), &by_default),
-            Verdict::Route { .. }
+            Exposure::Route { .. }
         ));
         assert!(matches!(
             classify(&container(&[("mesh.enable", "0")]), &by_default),
-            Verdict::Ignore(_)
+            Exposure::Ignore(_)
         ));
     }
 
@@ -1361,7 +1344,7 @@ mod tests {
             ]),
             &rules(),
         );
-        assert!(matches!(v, Verdict::Ignore(_)));
+        assert!(matches!(v, Exposure::Ignore(_)));
     }
 
     #[test]
@@ -1419,20 +1402,20 @@ mod tests {
         let en = ("mesh.enable", "true");
         assert!(matches!(
             classify(&container(&[en, ("mesh.node", "node-a")]), &r),
-            Verdict::Route { .. }
+            Exposure::Route { .. }
         ));
         assert!(matches!(
             classify(&container(&[en, ("mesh.node", "node-b")]), &r),
-            Verdict::Ignore(_)
+            Exposure::Ignore(_)
         ));
         assert!(matches!(
             classify(&container(&[en]), &r),
-            Verdict::Ignore(_)
+            Exposure::Ignore(_)
         ));
         // Without node_label the label means nothing.
         assert!(matches!(
             classify(&container(&[en, ("mesh.node", "node-b")]), &rules()),
-            Verdict::Route { .. }
+            Exposure::Route { .. }
         ));
     }
 
@@ -1456,7 +1439,7 @@ mod tests {
             "172.21.0.2:8080".parse().unwrap()
         );
         match two(&[en]) {
-            Verdict::Route { spec, warning } => {
+            Exposure::Route { spec, warning } => {
                 assert_eq!(spec.addr, "172.22.0.2:8080".parse().unwrap());
                 assert!(warning.unwrap().contains("mesh.network"));
             }
@@ -1501,7 +1484,7 @@ mod tests {
         .into();
         assert_eq!(
             classify(&c, &r),
-            Verdict::Route {
+            Exposure::Route {
                 spec: EndpointSpec {
                     service: "web-1".into(),
                     addr: "10.0.1.7:8080".parse().unwrap(),
@@ -1589,15 +1572,16 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-        let got: Vec<u128> = (0..10).map(|_| b.next_delay().as_millis()).collect();
+    fn reconnect_backoff_doubles_to_the_cap_with_bounded_jitter() {
+        let got: Vec<u128> = (0..10)
+            .map(|n| RECONNECT_BACKOFF.delay(n, 0.0).as_millis())
+            .collect();
         assert_eq!(
             got,
             [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000]
         );
-        b.reset();
-        assert_eq!(b.next_delay(), BACKOFF_MIN);
+        assert_eq!(RECONNECT_BACKOFF.delay(0, 0.999).as_millis(), 119);
+        assert_eq!(RECONNECT_BACKOFF.delay(9, 0.999), BACKOFF_MAX);
     }
 
     #[test]
@@ -1619,9 +1603,9 @@ mod tests {
     }
 
     #[test]
-    fn tracker_follows_events() {
+    fn container_set_follows_events() {
         let en = ("mesh.enable", "true");
-        let mut t = Tracker::new(rules());
+        let mut t = ContainerSet::new(rules());
         assert_eq!(t.upsert(tracked("a", "172.20.0.2", &[en])), None);
         t.upsert(tracked("b", "172.20.0.3", &[en]));
         assert_eq!(t.endpoints().len(), 2);
@@ -1669,9 +1653,9 @@ mod tests {
     }
 
     #[test]
-    fn tracker_resync_applies_the_difference_and_notes_skips_once() {
+    fn container_set_resync_applies_the_difference_and_notes_skips_once() {
         let en = ("mesh.enable", "true");
-        let mut t = Tracker::new(rules());
+        let mut t = ContainerSet::new(rules());
         let bad = tracked("bad", "172.20.0.9", &[en, ("mesh.port", "http")]);
         let notes = t.replace_all(vec![tracked("a", "172.20.0.2", &[en]), bad.clone()]);
         assert!(

@@ -93,7 +93,7 @@ impl Tried {
             self.0 |= 1 << i;
         }
     }
-    fn contains(self, i: usize) -> bool {
+    pub fn contains(self, i: usize) -> bool {
         i < 64 && self.0 & (1 << i) != 0
     }
 }

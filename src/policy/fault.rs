@@ -19,7 +19,7 @@ pub struct FaultConfig {
 pub struct DelayFault {
     /// 0 to 100.
     pub percent: f64,
-    #[serde(serialize_with = "crate::config::ser_duration")]
+    #[serde(serialize_with = "crate::util::duration::ser")]
     pub duration: Duration,
 }
 
@@ -58,7 +58,7 @@ pub fn decide(cfg: &FaultConfig, headers: &HeaderMap, r_delay: f64, r_abort: f64
         if let Some(delay) = headers
             .get(MESH_FAULT_DELAY)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| crate::config::parse_duration(v).ok())
+            .and_then(|v| crate::util::duration::parse(v).ok())
         {
             d.delay = Some(delay.min(Duration::from_secs(60)));
         }

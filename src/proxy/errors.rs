@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 
 use super::ProxyBody;
+use super::pool::FailKind;
 
 /// Header naming the meshd error on a generated response.
 pub const MESH_ERROR: &str = "mesh-error";
@@ -25,6 +26,8 @@ pub enum MeshError {
     UpstreamFailed,
     /// No response headers within the service's timeout.
     Timeout,
+    /// The client did not send its request (body) before the request's deadline: 408.
+    RequestTimeout,
     /// Refused by policy: CONNECT, an address instead of a service name, or (inbound) a request that is not
     /// from a peer agent for one of this host's own endpoints.
     Forbidden,
@@ -44,7 +47,7 @@ impl MeshError {
             MeshError::NoEndpoints => "no-endpoints",
             MeshError::ConnectFailed => "connect-failed",
             MeshError::UpstreamFailed => "upstream-failed",
-            MeshError::Timeout => "timeout",
+            MeshError::Timeout | MeshError::RequestTimeout => "timeout",
             MeshError::Forbidden => "forbidden",
             MeshError::RateLimited => "rate-limited",
             MeshError::FaultInjected(_) => "fault-injected",
@@ -59,10 +62,23 @@ impl MeshError {
             MeshError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::ConnectFailed | MeshError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            MeshError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             MeshError::Forbidden => StatusCode::FORBIDDEN,
             MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshError::FaultInjected(s) => s,
             MeshError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What meshd answers when an upstream request failed this way.
+    pub fn for_failure(kind: FailKind) -> MeshError {
+        match kind {
+            FailKind::Connect => MeshError::ConnectFailed,
+            FailKind::Timeout => MeshError::Timeout,
+            FailKind::ClientBody => MeshError::BadRequest,
+            FailKind::RefusedStream | FailKind::Stale | FailKind::Other => {
+                MeshError::UpstreamFailed
+            }
         }
     }
 
@@ -72,9 +88,9 @@ impl MeshError {
             MeshError::BadRequest => 3, // INVALID_ARGUMENT
             MeshError::NoRoute => 12,   // UNIMPLEMENTED
             MeshError::NoEndpoints | MeshError::ConnectFailed | MeshError::UpstreamFailed => 14, // UNAVAILABLE
-            MeshError::Timeout => 4,     // DEADLINE_EXCEEDED
-            MeshError::Forbidden => 7,   // PERMISSION_DENIED
-            MeshError::RateLimited => 8, // RESOURCE_EXHAUSTED
+            MeshError::Timeout | MeshError::RequestTimeout => 4, // DEADLINE_EXCEEDED
+            MeshError::Forbidden => 7,                           // PERMISSION_DENIED
+            MeshError::RateLimited => 8,                         // RESOURCE_EXHAUSTED
             MeshError::BreakerOpen => 14,
             MeshError::FaultInjected(s) => grpc_for_http(s),
         }

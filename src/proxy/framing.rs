@@ -4,19 +4,14 @@
 //! length, reads the chunked body and closes the connection afterwards, but still hands the request on. A proxy
 //! should not forward such a request at all (upstreams disagree on which header wins). hyper removes the evidence
 //! before the service sees it, so this module watches the bytes hyper reads: it follows each request's framing
-//! (head, fixed-length or chunked body) and records one [`Verdict`] per request head, in order. The outbound
+//! (head, fixed-length or chunked body) and records one [`Framing`] per request head, in order. The outbound
 //! service takes the verdicts in the same order, and answers 400 and closes the connection on a conflict.
 //!
-//! The tracker only reads; it never changes what hyper sees. On anything it cannot follow (an HTTP/2 preface, an
+//! The follower only reads (the server's connection wrapper feeds it); it never changes what hyper sees. On anything it cannot follow (an HTTP/2 preface, an
 //! oversized head, a framing error) it stops tracking: hyper rejects those requests itself.
 
 use std::collections::VecDeque;
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest request head followed (hyper refuses larger ones with 431).
 const MAX_HEAD: usize = 64 * 1024 + 1024;
@@ -27,26 +22,26 @@ const MAX_HEADERS: usize = 128;
 
 /// What the tracker concluded about one request head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Framing {
     Ok,
     /// Both `Transfer-Encoding` and `Content-Length`: refuse with 400 and close.
-    ConflictingFraming,
+    Conflicting,
 }
 
-/// Verdicts of one connection, shared between the I/O wrapper and the service.
+/// Framings of one connection, shared between the I/O wrapper and the service.
 #[derive(Debug, Default)]
-pub struct Verdicts(Mutex<VecDeque<Verdict>>);
+pub struct Framings(Mutex<VecDeque<Framing>>);
 
-impl Verdicts {
+impl Framings {
     /// The verdict for the next request the service handles (`Ok` when the tracker stopped following).
-    pub fn next(&self) -> Verdict {
+    pub fn next(&self) -> Framing {
         match self.0.lock() {
-            Ok(mut q) => q.pop_front().unwrap_or(Verdict::Ok),
-            Err(_) => Verdict::Ok,
+            Ok(mut q) => q.pop_front().unwrap_or(Framing::Ok),
+            Err(_) => Framing::Ok,
         }
     }
 
-    fn push(&self, v: Verdict) {
+    fn push(&self, v: Framing) {
         if let Ok(mut q) = self.0.lock() {
             q.push_back(v);
         }
@@ -67,17 +62,22 @@ enum State {
 
 /// Follows request framing over a byte stream.
 #[derive(Debug)]
-pub struct Tracker {
+pub struct Follower {
     state: State,
-    verdicts: Arc<Verdicts>,
+    verdicts: Arc<Framings>,
 }
 
-impl Tracker {
-    pub fn new(verdicts: Arc<Verdicts>) -> Self {
-        Tracker {
+impl Follower {
+    pub fn new(verdicts: Arc<Framings>) -> Self {
+        Follower {
             state: State::Head(Vec::new()),
             verdicts,
         }
+    }
+
+    /// Whether it still follows the stream.
+    pub fn is_on(&self) -> bool {
+        !matches!(self.state, State::Off)
     }
 
     /// Feeds the next bytes read from the client.
@@ -189,7 +189,11 @@ impl Tracker {
         let mut content_length: Option<u64> = None;
         let mut te = false;
         let mut chunked = false;
+        let mut upgrade = false;
         for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
             if h.name.eq_ignore_ascii_case("content-length") {
                 match std::str::from_utf8(h.value)
                     .ok()
@@ -208,14 +212,14 @@ impl Tracker {
             }
         }
         if te && content_length.is_some() {
-            self.verdicts.push(Verdict::ConflictingFraming);
+            self.verdicts.push(Framing::Conflicting);
             // hyper closes the connection after this request: nothing more to follow.
             return State::Off;
         }
-        self.verdicts.push(Verdict::Ok);
-        // meshd never switches protocols (Upgrade is hop-by-hop and stripped), so an Upgrade header does not
-        // end the tracking: the framing goes on as usual.
-        if te && !chunked {
+        self.verdicts.push(Framing::Ok);
+        // After an upgrade request the connection may carry another protocol: nothing more to follow (if the
+        // upgrade is declined, hyper still checks the framing of what follows).
+        if upgrade || (te && !chunked) {
             State::Off
         } else if chunked {
             State::ChunkSize(Vec::new())
@@ -241,85 +245,14 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
-pin_project_lite::pin_project! {
-    /// A client stream whose incoming bytes are fed to a [`Tracker`].
-    pub struct Guarded<S> {
-        #[pin]
-        inner: S,
-        tracker: Tracker,
-    }
-}
-
-impl<S> Guarded<S> {
-    pub fn new(inner: S, verdicts: Arc<Verdicts>) -> Self {
-        Guarded {
-            inner,
-            tracker: Tracker::new(verdicts),
-        }
-    }
-
-    /// A stream that follows nothing (HTTP/2-only listeners).
-    pub fn disabled(inner: S) -> Self {
-        Guarded {
-            inner,
-            tracker: Tracker {
-                state: State::Off,
-                verdicts: Arc::default(),
-            },
-        }
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Guarded<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            this.tracker.feed(&buf.filled()[before..]);
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, data)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(chunks: &[&[u8]]) -> Vec<Verdict> {
-        let v = Arc::new(Verdicts::default());
-        let mut t = Tracker::new(v.clone());
+    fn run(chunks: &[&[u8]]) -> Vec<Framing> {
+        let v = Arc::new(Framings::default());
+        let mut t = Follower::new(v.clone());
         for c in chunks {
             t.feed(c);
         }
@@ -332,17 +265,12 @@ mod tests {
         let stream = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET /d HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(
             run(&[stream]),
-            vec![
-                Verdict::Ok,
-                Verdict::Ok,
-                Verdict::Ok,
-                Verdict::ConflictingFraming
-            ]
+            vec![Framing::Ok, Framing::Ok, Framing::Ok, Framing::Conflicting]
         );
         // Byte by byte gives the same answer.
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(run(&bytes).len(), 4);
-        assert_eq!(run(&bytes)[3], Verdict::ConflictingFraming);
+        assert_eq!(run(&bytes)[3], Framing::Conflicting);
     }
 
     #[test]
@@ -354,7 +282,7 @@ mod tests {
         )
         .into_bytes();
         stream.extend_from_slice(body);
-        assert_eq!(run(&[&stream]), vec![Verdict::Ok]);
+        assert_eq!(run(&[&stream]), vec![Framing::Ok]);
     }
 
     #[test]
@@ -436,9 +364,9 @@ mod tests {
             }
             let got = run(&pieces);
             let upto = reqs.iter().position(|r| matches!(r, Req::Conflict)).map_or(reqs.len(), |i| i + 1);
-            let want: Vec<Verdict> = reqs[..upto]
+            let want: Vec<Framing> = reqs[..upto]
                 .iter()
-                .map(|r| if matches!(r, Req::Conflict) { Verdict::ConflictingFraming } else { Verdict::Ok })
+                .map(|r| if matches!(r, Req::Conflict) { Framing::Conflicting } else { Framing::Ok })
                 .collect();
             prop_assert_eq!(got, want);
         }

@@ -1,6 +1,9 @@
-//! Header rewriting shared by both directions: hop-by-hop stripping, `X-Forwarded-For`, request ids.
+//! Header rewriting shared by both directions: hop-by-hop stripping, `X-Forwarded-For`, request ids,
+//! deadlines (`mesh-deadline`, `grpc-timeout`) and cookie crumbs.
 
 use std::net::IpAddr;
+
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
@@ -14,15 +17,17 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the old `Proxy-Connection`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the old `Proxy-Connection`. `Trailer` is not among them: it
+/// announces the trailer fields of this message, end to end (RFC 9110 §6.6.2).
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -127,30 +132,92 @@ fn unix_ms_now() -> u128 {
         .unwrap_or(0)
 }
 
-/// Time left before the request's `mesh-deadline` (absolute unix milliseconds): `None` when absent or
-/// unreadable, zero when it has passed.
-pub fn read_deadline(headers: &HeaderMap) -> Option<std::time::Duration> {
-    let at: u128 = headers
-        .get(&MESH_DEADLINE)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(std::time::Duration::from_millis(
+/// Time left before the request's `mesh-deadline`: `None` when absent or unreadable, zero when it has passed.
+///
+/// Two forms are read: absolute unix milliseconds (`1767225600123`, what apps and upstreams on one host use)
+/// and a relative budget in milliseconds (`1500ms`, what agents send each other, so clock skew between hosts
+/// can neither stretch nor shrink it).
+pub fn read_deadline(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(&MESH_DEADLINE)?.to_str().ok()?.trim();
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.trim().parse::<u64>().ok().map(Duration::from_millis);
+    }
+    let at: u128 = v.parse().ok()?;
+    Some(Duration::from_millis(
         at.saturating_sub(unix_ms_now()).min(u64::MAX as u128) as u64,
     ))
 }
 
-/// Sets `mesh-deadline` to `deadline`, so every later hop is bounded by the time left.
-pub fn write_deadline(headers: &mut HeaderMap, deadline: std::time::Instant) {
+/// Sets `mesh-deadline` to `deadline` as absolute unix milliseconds (toward a local upstream).
+pub fn write_deadline(headers: &mut HeaderMap, deadline: Instant) {
     let left = deadline
-        .saturating_duration_since(std::time::Instant::now())
+        .saturating_duration_since(Instant::now())
         .as_millis();
     headers.insert(
         MESH_DEADLINE,
         HeaderValue::from(unix_ms_now().saturating_add(left) as u64),
     );
+}
+
+/// Sets `mesh-deadline` to the time left before `deadline`, as a relative budget (toward a peer agent).
+pub fn write_relative_deadline(headers: &mut HeaderMap, deadline: Instant) {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as u64;
+    if let Ok(v) = HeaderValue::from_str(&format!("{left}ms")) {
+        headers.insert(MESH_DEADLINE, v);
+    }
+}
+
+/// The `grpc-timeout` of a request (gRPC over HTTP/2: up to 8 digits and a unit, H M S m u n).
+pub fn read_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(&GRPC_TIMEOUT)?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n.saturating_mul(3600)),
+        b"M" => Duration::from_secs(n.saturating_mul(60)),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Sets `grpc-timeout` to `left`, in the finest unit that fits in 8 digits.
+pub fn write_grpc_timeout(headers: &mut HeaderMap, left: Duration) {
+    const MAX: u128 = 99_999_999;
+    let value = if left.as_millis() <= MAX {
+        format!("{}m", left.as_millis())
+    } else {
+        format!("{}S", left.as_secs().min(MAX as u64))
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(GRPC_TIMEOUT, v);
+    }
+}
+
+/// Joins HTTP/2 cookie crumbs (several `cookie` fields, RFC 9113 §8.2.3) into the single field HTTP/1.1
+/// expects (RFC 6265 §5.4).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined: Vec<u8> = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 #[cfg(test)]
@@ -172,11 +239,13 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h.len(), 3, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::TRAILER], "x-checksum", "Trailer is end to end");
     }
 
     #[test]
@@ -191,21 +260,62 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_round_trip() {
+    fn deadlines_round_trip_in_both_forms() {
         let mut h = HeaderMap::new();
         assert_eq!(read_deadline(&h), None);
-        write_deadline(
-            &mut h,
-            std::time::Instant::now() + std::time::Duration::from_secs(5),
-        );
+        write_deadline(&mut h, Instant::now() + Duration::from_secs(5));
         let left = read_deadline(&h).unwrap();
-        assert!(
-            left <= std::time::Duration::from_secs(5) && left > std::time::Duration::from_secs(4)
-        );
+        assert!(left <= Duration::from_secs(5) && left > Duration::from_secs(4));
+        write_relative_deadline(&mut h, Instant::now() + Duration::from_secs(5));
+        let v = h[MESH_DEADLINE].to_str().unwrap().to_string();
+        assert!(v.ends_with("ms") && v.len() <= 6, "{v}");
+        let left = read_deadline(&h).unwrap();
+        assert!(left <= Duration::from_secs(5) && left > Duration::from_secs(4));
         h.insert(MESH_DEADLINE, HeaderValue::from_static("1000"));
-        assert_eq!(read_deadline(&h), Some(std::time::Duration::ZERO));
-        h.insert(MESH_DEADLINE, HeaderValue::from_static("soon"));
-        assert_eq!(read_deadline(&h), None);
+        assert_eq!(read_deadline(&h), Some(Duration::ZERO));
+        h.insert(MESH_DEADLINE, HeaderValue::from_static("0ms"));
+        assert_eq!(read_deadline(&h), Some(Duration::ZERO));
+        for bad in ["soon", "-5ms", "ms", "12s"] {
+            h.insert(MESH_DEADLINE, HeaderValue::from_static(bad));
+            assert_eq!(read_deadline(&h), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts() {
+        let mut h = HeaderMap::new();
+        for (v, d) in [
+            ("1H", Duration::from_secs(3600)),
+            ("2M", Duration::from_secs(120)),
+            ("3S", Duration::from_secs(3)),
+            ("250m", Duration::from_millis(250)),
+            ("99999999u", Duration::from_micros(99_999_999)),
+            ("5n", Duration::from_nanos(5)),
+        ] {
+            h.insert(GRPC_TIMEOUT, HeaderValue::from_static(v));
+            assert_eq!(read_grpc_timeout(&h), Some(d), "{v}");
+        }
+        for bad in ["", "S", "100", "123456789m", "1x", "-1S", "1.5S"] {
+            h.insert(GRPC_TIMEOUT, HeaderValue::from_static(bad));
+            assert_eq!(read_grpc_timeout(&h), None, "{bad:?}");
+        }
+        write_grpc_timeout(&mut h, Duration::from_millis(1234));
+        assert_eq!(h[GRPC_TIMEOUT], "1234m");
+        write_grpc_timeout(&mut h, Duration::from_secs(200_000));
+        assert_eq!(h[GRPC_TIMEOUT], "200000S");
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1");
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
     }
 
     #[test]

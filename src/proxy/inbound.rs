@@ -1,30 +1,38 @@
 //! The inbound proxy: requests from peer agents for endpoints on this host.
 //!
-//! A peer names the service (`mesh-service`), the endpoint it chose (`mesh-endpoint`) and the protocol to use
-//! toward the container (`mesh-orig-proto`). The request is forwarded only when this host's own discovery lists
-//! that endpoint for that service; anything else is refused with 403 `forbidden` and counted. This stops the
-//! inbound port from being used as an open proxy into the host's networks.
+//! A peer names the service (`mesh-service`) and the endpoint it chose (`mesh-endpoint`). The request is
+//! forwarded only when this host's own discovery lists that endpoint for that service; anything else is
+//! refused with 403 `forbidden` and counted. This stops the inbound port from being used as an open proxy into
+//! the host's networks. The protocol toward the container is the one this host's discovery knows;
+//! `mesh-orig-proto` from the peer is advisory, and a disagreement is logged.
+//!
+//! An extended CONNECT (RFC 8441) from a peer is an app's upgrade (WebSocket): it becomes an HTTP/1.1 upgrade
+//! toward the container, answered 200 with the container's 101 headers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Request, Response, Version};
-use http_body_util::Either;
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Incoming};
 use tokio::sync::watch;
 
-use super::client::Clients;
+use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
 use super::headers::{
-    MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, read_deadline,
-    strip_hop_by_hop,
+    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, join_cookies,
+    read_deadline, read_grpc_timeout, strip_hop_by_hop, write_deadline, write_grpc_timeout,
 };
 use super::observe::Observed;
+use super::outbound::attempt::request_target;
+use super::outbound::upgrade::restore_upgrade_headers;
+use super::pool::{ClientBody, ReqBody, SendOpts, Upstreams, Wire, h1};
 use super::server::{ConnInfo, Handler};
-use super::{ProxyBody, is_grpc};
+use super::tunnel::Tunnels;
+use super::{ProxyBody, proto_name};
 use crate::config::Config;
-use crate::routing::Table;
+use crate::routing::{Endpoint, Table};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::ProxyMetrics;
 
@@ -32,13 +40,29 @@ use crate::telemetry::metrics::ProxyMetrics;
 pub struct Inbound {
     pub config: watch::Receiver<Arc<Config>>,
     pub table: watch::Receiver<Arc<Table>>,
-    pub clients: Clients,
+    pub upstreams: Upstreams,
     pub metrics: ProxyMetrics,
+    pub tunnels: Tunnels,
 }
 
 /// The inbound request handler; one clone per connection.
 #[derive(Clone)]
 pub struct InboundHandler(pub Arc<Inbound>);
+
+/// Why a request from a peer was answered by this agent.
+struct Refused {
+    service: Option<String>,
+    error: MeshError,
+    detail: String,
+}
+
+fn forbidden(detail: impl Into<String>) -> Refused {
+    Refused {
+        service: None,
+        error: MeshError::Forbidden,
+        detail: detail.into(),
+    }
+}
 
 impl Handler for InboundHandler {
     fn handle(
@@ -48,103 +72,233 @@ impl Handler for InboundHandler {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let this = self.0;
         async move {
-            let start = Instant::now();
-            let grpc = is_grpc(&req);
-            let (service, resp) = match this.proxy(req, &conn).await {
-                Ok((service, resp)) => (
-                    Some(service),
-                    resp.map(|b| Either::Left(Observed::new(b, None))),
-                ),
-                Err((service, error, detail)) => {
+            let mut req = req;
+            let ctx = RequestCtx::new(&mut req, conn.peer);
+            let (service, resp) = match this.proxy(&ctx, req).await {
+                Ok((service, resp)) => (Some(service), resp),
+                Err(r) => {
                     this.metrics
                         .errors
-                        .with_label_values(&[Direction::Inbound.as_str(), error.code()])
+                        .with_label_values(&[Direction::Inbound.as_str(), r.error.code()])
                         .inc();
-                    tracing::debug!(peer = %conn.peer, error = error.code(), %detail, "inbound request refused");
-                    (service, error_response(error, grpc, &detail))
+                    tracing::debug!(peer = %ctx.peer, error = r.error.code(), detail = %r.detail, "inbound request refused");
+                    (r.service, error_response(r.error, ctx.grpc, &r.detail))
                 }
             };
             this.metrics.record(
                 Direction::Inbound,
                 service.as_deref().unwrap_or(""),
                 resp.status(),
-                start.elapsed(),
+                ctx.received.elapsed(),
             );
             resp
         }
     }
 }
 
-type Refused = (Option<String>, MeshError, String);
-
 impl Inbound {
     async fn proxy(
         &self,
-        req: Request<Incoming>,
-        conn: &ConnInfo,
-    ) -> Result<(String, Response<Incoming>), Refused> {
-        let forbidden = |why: String| (None, MeshError::Forbidden, why);
+        ctx: &RequestCtx,
+        mut req: Request<Incoming>,
+    ) -> Result<(String, Response<ProxyBody>), Refused> {
+        let config = self.config.borrow().clone();
         // Without mutual TLS there is no way to tell a peer agent from anyone else who can reach the port.
-        if !self.config.borrow().inbound.insecure_plaintext {
+        if !config.inbound.insecure_plaintext {
             return Err(forbidden(
                 "this node accepts peer agents only over mutual TLS, which this version does not provide; \
-                 set inbound.insecure_plaintext = true on a trusted test network"
-                    .into(),
+                 set inbound.insecure_plaintext = true on a trusted test network",
             ));
         }
         if req.version() != Version::HTTP_2 {
             return Err(forbidden(
-                "the inbound port accepts only HTTP/2 from peer agents".into(),
+                "the inbound port accepts only HTTP/2 from peer agents",
             ));
         }
-        let (service, endpoint, version) = mesh_target(req.headers()).map_err(forbidden)?;
+        let (service, addr) = mesh_target(req.headers()).map_err(forbidden)?;
         let table = self.table.borrow().clone();
-        let Some(local) = table.local_endpoint(&service, endpoint) else {
+        let Some(local) = table.local_endpoint(&service, addr) else {
             return Err(forbidden(format!(
-                "{endpoint} is not an endpoint of service {service:?} on this node"
+                "{addr} is not an endpoint of service {service:?} on this node"
             )));
         };
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(MESH_ENDPOINT);
-        parts.headers.remove(MESH_ORIG_PROTO);
-        append_forwarded_for(&mut parts.headers, conn.peer.ip());
-        let uri = super::upstream_uri(local.addr_authority.clone(), &parts.uri);
-        // The sender's deadline bounds this hop too.
-        let mut timeout = self.config.borrow().timeout_for(&service);
-        if let Some(left) = read_deadline(&parts.headers) {
-            if left.is_zero() {
-                return Err((
-                    Some(service.clone()),
-                    MeshError::Timeout,
-                    "the request's mesh-deadline has already passed".into(),
-                ));
-            }
+        check_orig_proto(req.headers(), local, ctx.peer);
+        // The sender's budget bounds this hop too.
+        let mut timeout = config.timeout_for(&service);
+        for left in [
+            read_deadline(req.headers()),
+            read_grpc_timeout(req.headers()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             timeout = timeout.min(left);
         }
-        let mut resp = self
-            .clients
-            .send(
-                Request::from_parts(parts, Either::Left(body)),
-                uri,
-                version,
-                timeout,
-            )
-            .await
-            .map_err(|e| {
-                (
-                    Some(service.clone()),
-                    e.mesh_error(),
-                    format!("service {service:?}: {}", e.detail),
-                )
-            })?;
+        if timeout.is_zero() {
+            return Err(Refused {
+                service: Some(service),
+                error: MeshError::Timeout,
+                detail: "the request's deadline has already passed".into(),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let connect_timeout = config.policy_for(&service).connect_timeout;
+        let upgrade = req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut head, body) = req.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        head.headers.remove(MESH_ENDPOINT);
+        head.headers.remove(MESH_ORIG_PROTO);
+        append_forwarded_for(&mut head.headers, ctx.peer.ip());
+        // The sending agent put the app's authority in `:authority`.
+        let authority = head.uri.authority().cloned().ok_or_else(|| Refused {
+            service: Some(service.clone()),
+            error: MeshError::BadRequest,
+            detail: "no :authority from the peer agent".into(),
+        })?;
+        let wire = local.state.pool.key().wire;
+        head.uri = request_target(wire, &authority, &head.uri);
+        match wire {
+            Wire::H1 => {
+                head.version = Version::HTTP_11;
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    head.headers.insert(header::HOST, v);
+                }
+                join_cookies(&mut head.headers);
+            }
+            Wire::H2 => head.version = Version::HTTP_2,
+        }
+        write_deadline(&mut head.headers, deadline);
+        if ctx.grpc || head.headers.contains_key(GRPC_TIMEOUT) {
+            write_grpc_timeout(&mut head.headers, timeout);
+        }
+        let refused = |e: super::pool::SendError| Refused {
+            service: Some(service.clone()),
+            error: MeshError::for_failure(e.kind),
+            detail: format!("service {service:?}: {}", e.detail),
+        };
+        let timed_out = || Refused {
+            service: Some(service.clone()),
+            error: MeshError::Timeout,
+            detail: format!(
+                "service {service:?}: no response within {}",
+                crate::util::duration::format(timeout)
+            ),
+        };
+
+        if let Some(client_side) = client_side {
+            return self
+                .upgrade(head, local, client_side, connect_timeout, deadline, &config)
+                .await
+                .map(|resp| (service.clone(), resp))
+                .map_err(|e| e.map_or_else(timed_out, refused));
+        }
+
+        // Safe to send twice when it has no body: a stale kept-alive connection is then retried on a fresh one.
+        let bodiless = body.is_end_stream();
+        let again_head = bodiless.then(|| head.clone());
+        let again = move || {
+            again_head
+                .map(|h| Request::from_parts(h, Either::Right(Full::new(bytes::Bytes::new()))))
+        };
+        let body: ReqBody = if bodiless {
+            Either::Right(Full::new(bytes::Bytes::new()))
+        } else {
+            Either::Left(ClientBody::new(body))
+        };
+        let opts = SendOpts {
+            connect_timeout,
+            fresh: false,
+        };
+        let sent = tokio::time::timeout_at(
+            deadline.into(),
+            local.state.pool.send_or_resend_stale(
+                &self.upstreams,
+                Request::from_parts(head, body),
+                opts,
+                again,
+            ),
+        )
+        .await;
+        let (mut resp, lease) = match sent {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => return Err(refused(e)),
+            Err(_) => return Err(timed_out()),
+        };
         strip_hop_by_hop(resp.headers_mut());
-        Ok((service, resp))
+        Ok((
+            service.clone(),
+            resp.map(|b| Either::Left(Observed::new(b, None, Some(lease)))),
+        ))
+    }
+
+    /// An app's upgrade, relayed by a peer: HTTP/1.1 upgrade toward the container, 200 back to the peer.
+    async fn upgrade(
+        &self,
+        mut head: http::request::Parts,
+        local: &Endpoint,
+        client_side: hyper::upgrade::OnUpgrade,
+        connect_timeout: Duration,
+        deadline: Instant,
+        config: &Config,
+    ) -> Result<Response<ProxyBody>, Option<super::pool::SendError>> {
+        let Some(protocol) = head.headers.get(header::UPGRADE).cloned() else {
+            return Err(None);
+        };
+        if local.state.pool.key().wire != Wire::H1 {
+            self.tunnels.count("failed");
+            return Ok(error_response(
+                MeshError::UpstreamFailed,
+                false,
+                "upgrades (WebSocket) need an HTTP/1.1 endpoint",
+            ));
+        }
+        head.method = Method::GET;
+        restore_upgrade_headers(&mut head.headers, &protocol);
+        let req = Request::from_parts(head, Either::Right(Full::new(bytes::Bytes::new())));
+        let sent = tokio::time::timeout_at(
+            deadline.into(),
+            h1::send_upgrade(&self.upstreams, local.addr, req, connect_timeout),
+        )
+        .await;
+        let mut resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.tunnels.count("failed");
+                return Err(Some(e));
+            }
+            Err(_) => {
+                self.tunnels.count("failed");
+                return Err(None);
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            self.tunnels.count("declined");
+            strip_hop_by_hop(resp.headers_mut());
+            return Ok(resp.map(|b| Either::Left(Observed::new(b, None, None))));
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        self.tunnels.count("upgraded");
+        self.tunnels.spawn(
+            client_side,
+            upstream_side,
+            (),
+            config.outbound.upgrade_idle_timeout,
+        );
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.status = StatusCode::OK;
+        parts.version = Version::HTTP_2;
+        Ok(Response::from_parts(
+            parts,
+            Either::Right(Full::new(bytes::Bytes::new())),
+        ))
     }
 }
 
 /// Reads the mesh headers a peer agent must send.
-fn mesh_target(h: &HeaderMap) -> Result<(String, SocketAddr, Version), String> {
+fn mesh_target(h: &HeaderMap) -> Result<(String, SocketAddr), String> {
     let get = |name: &http::HeaderName| {
         h.get(name).and_then(|v| v.to_str().ok()).ok_or_else(|| {
             format!("missing or unreadable {name} header: only peer agents may use this port")
@@ -154,14 +308,28 @@ fn mesh_target(h: &HeaderMap) -> Result<(String, SocketAddr, Version), String> {
     let endpoint: SocketAddr = get(&MESH_ENDPOINT)?
         .parse()
         .map_err(|_| "mesh-endpoint is not an ip:port".to_string())?;
-    let version = match get(&MESH_ORIG_PROTO)? {
-        "HTTP/1.1" => Version::HTTP_11,
-        "HTTP/2" => Version::HTTP_2,
-        other => {
-            return Err(format!(
-                "mesh-orig-proto {other:?} is not HTTP/1.1 or HTTP/2"
-            ));
-        }
+    Ok((service, endpoint))
+}
+
+/// Logs (at most once a minute) when the peer's idea of the endpoint's protocol differs from this host's
+/// discovery, which wins.
+fn check_orig_proto(h: &HeaderMap, local: &Endpoint, peer: SocketAddr) {
+    static LAST_LOG: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let ours = proto_name(if local.protocol.is_h2() {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    });
+    let Some(theirs) = h.get(MESH_ORIG_PROTO) else {
+        return;
     };
-    Ok((service, endpoint, version))
+    if theirs.as_bytes() == ours.as_bytes() {
+        return;
+    }
+    let mut last = LAST_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        *last = Some(Instant::now());
+        tracing::info!(%peer, endpoint = %local.addr, peer_says = ?theirs, ours,
+            "mesh-orig-proto disagrees with this node's discovery; using this node's");
+    }
 }

@@ -1,20 +1,21 @@
 //! The data path: the outbound listener for local apps, the inbound listener for peer agents, upstream
-//! connection pools and meshd's own error responses.
+//! connection pools, upgraded connections and meshd's own error responses.
 //!
 //! Reads the routing table (`watch` snapshots) and the config; never writes the table.
 
-pub mod client;
+pub mod ctx;
 pub mod errors;
 pub mod framing;
 pub mod headers;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
+pub mod pool;
 pub mod server;
+pub mod tunnel;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery};
-use http::{Request, Uri, Version, header};
+use http::{Request, Version, header};
 use http_body_util::{Either, Full};
 
 /// Body of every response the proxy sends: a forwarded upstream body, or meshd's own short one.
@@ -35,19 +36,4 @@ pub fn proto_name(v: Version) -> &'static str {
     } else {
         "HTTP/1.1"
     }
-}
-
-/// `http://<next hop><original path and query>`, without formatting or re-parsing.
-pub fn upstream_uri(next_hop: Authority, original: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(next_hop);
-    parts.path_and_query = Some(
-        original
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts)
-        .unwrap_or_else(|_| unreachable!("scheme, authority and path are all set"))
 }

@@ -1,7 +1,11 @@
-//! Reporting an attempt's outcome to its endpoint's circuit breaker — at once for HTTP, or when a gRPC
-//! response's trailers arrive — and never leaving a breaker's single probe unaccounted for.
+//! What happens after an upstream answers: the attempt's outcome reaches its endpoint's circuit breaker — at
+//! once for HTTP, or when a gRPC response's trailers arrive — and the connection goes back to its pool when the
+//! response body ends.
+//!
+//! A breaker's permit is never left unaccounted for: a [`Report`] dropped before it recorded an outcome (the
+//! client went away, the attempt was abandoned) gives its permit back, so a cancelled probe makes room for
+//! exactly one new one.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,38 +14,39 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::pool::Lease;
 use crate::config::Config;
-use crate::policy::breaker::Transition;
-use crate::routing::EndpointState;
+use crate::policy::breaker::{Permit, Transition};
+use crate::routing::Service;
 
 /// The pending outcome of one attempt.
 pub struct Report {
-    state: Arc<EndpointState>,
+    /// The service whose endpoint was tried, and which one.
+    service: Arc<Service>,
+    idx: usize,
+    permit: Permit,
     config: Arc<Config>,
     /// The service whose policy applies.
     logical: Arc<str>,
-    /// The service and endpoint for the breaker gauge.
-    target: Arc<str>,
-    addr: SocketAddr,
     gauge: prometheus::IntGaugeVec,
     done: bool,
 }
 
 impl Report {
     pub fn new(
-        state: Arc<EndpointState>,
+        service: Arc<Service>,
+        idx: usize,
+        permit: Permit,
         config: Arc<Config>,
         logical: Arc<str>,
-        target: Arc<str>,
-        addr: SocketAddr,
         gauge: prometheus::IntGaugeVec,
     ) -> Self {
         Report {
-            state,
+            service,
+            idx,
+            permit,
             config,
             logical,
-            target,
-            addr,
             gauge,
             done: false,
         }
@@ -51,29 +56,65 @@ impl Report {
         self.record(ok);
     }
 
+    /// The attempt says nothing about the endpoint (the client's fault, a stale connection): give the permit
+    /// back without an outcome.
+    pub fn abandon(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.service.endpoints[self.idx]
+                .state
+                .breaker_release(Instant::now(), self.permit);
+        }
+    }
+
     fn record(&mut self, ok: bool) {
         if self.done {
             return;
         }
         self.done = true;
-        let cfg = &self.config.policy_for(&self.logical).circuit_breaker.config;
-        let transition = self
+        let policy = self.config.policy_for(&self.logical);
+        let cfg = &policy.circuit_breaker.config;
+        let endpoint = &self.service.endpoints[self.idx];
+        let now = Instant::now();
+        let opened = match endpoint
             .state
-            .breaker_record(cfg, Instant::now(), ok, fastrand::f64());
-        let value = match transition {
-            Some(Transition::Opened) => {
-                tracing::warn!(service = %self.target, endpoint = %self.addr, "circuit breaker opened");
-                1
-            }
-            Some(Transition::Closed) => {
-                tracing::info!(service = %self.target, endpoint = %self.addr, "circuit breaker closed");
-                0
-            }
+            .breaker_record(cfg, now, self.permit, ok, fastrand::f64())
+        {
             None => return,
+            Some(Transition::Closed) => {
+                tracing::info!(service = %self.service.name, endpoint = %endpoint.addr, "circuit breaker closed");
+                false
+            }
+            Some(Transition::Reopened) => return,
+            Some(Transition::Tripped) => {
+                // Eject only while the service stays within max_ejection_percent. The lock makes the count and
+                // the ejection one step, so two endpoints tripping together cannot both take the last place.
+                let _guard = self
+                    .service
+                    .state
+                    .ejection
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let limit = self.service.ejection_limit(policy.max_ejection_percent);
+                if self.service.ejected() >= limit {
+                    tracing::debug!(service = %self.service.name, endpoint = %endpoint.addr, limit,
+                        "circuit breaker tripped, but max_ejection_percent keeps the endpoint in rotation");
+                    return;
+                }
+                if !endpoint.state.breaker_eject(cfg, now, fastrand::f64()) {
+                    return;
+                }
+                tracing::warn!(service = %self.service.name, endpoint = %endpoint.addr, "circuit breaker opened");
+                true
+            }
         };
         self.gauge
-            .with_label_values(&[&*self.target, &self.addr.to_string()])
-            .set(value);
+            .with_label_values(&[&*self.service.name, &endpoint.addr.to_string()])
+            .set(i64::from(opened));
     }
 
     fn grpc(&mut self, code: Option<u8>) {
@@ -90,26 +131,29 @@ impl Report {
 
 impl Drop for Report {
     fn drop(&mut self) {
-        if !self.done {
-            // The caller went away before the outcome was known: let another request probe instead.
-            self.state.breaker_release(Instant::now());
-        }
+        // The caller went away before the outcome was known: let another request probe instead.
+        self.release();
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An upstream response body, passed through unchanged, that reports a gRPC status found in its
-    /// trailers to the endpoint's breaker.
+    /// An upstream response body, passed through unchanged. It reports a gRPC status found in its trailers to
+    /// the endpoint's breaker, and hands the connection back to its pool as soon as the body ends.
     pub struct Observed {
         #[pin]
         inner: Incoming,
         report: Option<Report>,
+        lease: Option<Lease>,
     }
 }
 
 impl Observed {
-    pub fn new(inner: Incoming, report: Option<Report>) -> Self {
-        Observed { inner, report }
+    pub fn new(inner: Incoming, report: Option<Report>, lease: Option<Lease>) -> Self {
+        Observed {
+            inner,
+            report,
+            lease,
+        }
     }
 }
 
@@ -123,22 +167,32 @@ impl Body for Observed {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
         let res = this.inner.poll_frame(cx);
-        if let Some(report) = this.report.as_mut() {
-            match &res {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        let code = trailers
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<u8>().ok());
-                        report.grpc(code);
-                    }
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(report), Some(trailers)) = (this.report.as_mut(), frame.trailers_ref())
+                {
+                    let code = trailers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u8>().ok());
+                    report.grpc(code);
                 }
-                Poll::Ready(None) => report.grpc(None),
-                // A stream broken mid-way is the endpoint failing.
-                Poll::Ready(Some(Err(_))) => report.record(false),
-                Poll::Pending => {}
             }
+            Poll::Ready(None) => {
+                if let Some(report) = this.report.as_mut() {
+                    report.grpc(None);
+                }
+                // The connection is free for the next request now, not when hyper drops the body.
+                this.lease.take();
+            }
+            // A stream broken mid-way is the endpoint failing.
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(report) = this.report.as_mut() {
+                    report.record(false);
+                }
+                this.lease.take();
+            }
+            Poll::Pending => {}
         }
         res
     }

@@ -1,31 +1,54 @@
-//! Accepting client connections and serving them with hyper, hardened the same way for both listeners.
+//! Accepting client connections and serving them with hyper, hardened the same way on every listener —
+//! outbound, inbound and admin.
 //!
-//! Limits: a request head must arrive within [`HEADER_READ_TIMEOUT`] and fit in [`MAX_HEADER_BYTES`] with at
-//! most [`MAX_HEADERS`] fields (hyper answers 431 beyond); HTTP/2 allows [`MAX_CONCURRENT_STREAMS`] streams and
-//! a [`MAX_HEADER_LIST`] header list, with hyper's reset-stream limits on. On shutdown the loop stops accepting,
-//! asks every connection to finish its in-flight requests, and gives up after the drain deadline.
+//! Limits (per listener, from its [`ListenerLimits`]):
+//! - at most `max_connections` at once: past that the listener stops accepting, and new connections wait in
+//!   the kernel's queue, so one listener can never take the file descriptors another needs;
+//! - a request head must arrive within `header_timeout` of its first byte (HTTP/1), and a connection that
+//!   stays silent that long after connecting is closed;
+//! - a connection with no request in flight is closed after `idle_timeout` — its own setting, longer than
+//!   common client pools keep idle connections, so meshd is not the one closing a connection a client is about
+//!   to reuse;
+//! - heads fit in [`MAX_HEADER_BYTES`] with at most [`MAX_HEADERS`] fields (hyper answers 431 beyond); HTTP/2
+//!   allows [`MAX_CONCURRENT_STREAMS`] streams and a [`MAX_HEADER_LIST`] header list, with hyper's
+//!   reset-stream limits on.
+//!
+//! hyper's own header timeout is not used: it also runs while a keep-alive connection waits for its next
+//! request, which would make the idle timeout and the header timeout one setting.
+//!
+//! On shutdown the loop stops accepting, asks every connection to finish its in-flight requests (HTTP/2:
+//! GOAWAY), and drops what is left at the drain deadline.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::service::service_fn;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::ProxyBody;
-use super::framing::{Guarded, Verdicts};
+use super::framing::{Follower, Framings};
+use crate::config::ListenerLimits;
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::ProxyMetrics;
 
-/// Time allowed for a whole request head to arrive.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP/1 request head.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields in an HTTP/1 request. This is hyper's own default, left implicit on purpose: setting it
@@ -48,18 +71,17 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// HTTP/1 framing verdicts, in request order.
-    pub verdicts: Arc<Verdicts>,
-    /// Requests received on this connection so far.
-    pub requests: std::sync::atomic::AtomicU64,
+    pub framing: Arc<Framings>,
+    activity: Activity,
 }
 
 /// Handles one request; cloned per connection.
 pub trait Handler: Clone + Send + Sync + 'static {
     fn handle(
         self,
-        req: http::Request<Incoming>,
+        req: Request<Incoming>,
         conn: Arc<ConnInfo>,
-    ) -> impl Future<Output = http::Response<ProxyBody>> + Send + 'static;
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static;
 }
 
 /// Which HTTP versions a listener accepts.
@@ -71,11 +93,23 @@ pub enum Versions {
     H2Only,
 }
 
+/// How a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub direction: Direction,
+    pub versions: Versions,
+    pub limits: ListenerLimits,
+    /// How long in-flight requests may finish after shutdown begins.
+    pub drain: Duration,
+    /// Follow HTTP/1 request framing for the smuggling check ([`super::framing`]).
+    pub follow_framing: bool,
+}
+
 fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     b.http2()
@@ -84,6 +118,8 @@ fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(MAX_HEADER_LIST)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
+        // Extended CONNECT (RFC 8441): how peer agents carry upgraded connections.
+        .enable_connect_protocol()
         // Pings find peers that vanished without closing (a dead host, a dropped NAT entry).
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
@@ -93,116 +129,436 @@ fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
     }
 }
 
-/// Serves `listener` until `shutdown` fires, then drains for at most `drain`.
+/// Serves `listener` with `handler` until `shutdown` fires, then drains for at most `opts.drain`.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
-    direction: Direction,
-    versions: Versions,
+    opts: Options,
     handler: H,
     metrics: ProxyMetrics,
     shutdown: CancellationToken,
-    drain: Duration,
 ) {
-    let builder = Arc::new(builder(versions));
-    let graceful = GracefulShutdown::new();
+    serve_with(
+        listener,
+        opts,
+        metrics,
+        shutdown,
+        move |info: Arc<ConnInfo>| {
+            let handler = handler.clone();
+            hyper::service::service_fn(move |req| {
+                let fut = handler.clone().handle(req, info.clone());
+                async move { Ok::<_, std::convert::Infallible>(fut.await) }
+            })
+        },
+    )
+    .await
+}
+
+/// Serves `listener` with the service `make` builds for each connection (the admin API passes its router).
+pub async fn serve_with<M, S, B>(
+    listener: TcpListener,
+    opts: Options,
+    metrics: ProxyMetrics,
+    shutdown: CancellationToken,
+    make: M,
+) where
+    M: Fn(Arc<ConnInfo>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = Arc::new(builder(opts.versions));
+    let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
     // Fired when the drain deadline passes: connections still open are dropped.
     let force = CancellationToken::new();
     let local = listener.local_addr().ok();
+    let direction = opts.direction.as_str();
     loop {
+        // A slot first: at the cap, connections wait in the kernel's accept queue instead of using descriptors.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(direction, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let _ = stream.set_nodelay(true);
-        let verdicts = Arc::new(Verdicts::default());
         let info = Arc::new(ConnInfo {
             peer,
-            verdicts: verdicts.clone(),
-            requests: std::sync::atomic::AtomicU64::new(0),
+            framing: Arc::default(),
+            activity: Activity::new(),
         });
-        let handler = handler.clone();
-        let conn_info = info.clone();
-        let svc = service_fn(move |req| {
-            info.requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let fut = handler.clone().handle(req, info.clone());
-            async move { Ok::<_, std::convert::Infallible>(fut.await) }
-        });
-        let open = OpenConn::new(&metrics, direction);
-        let (builder, watcher, force, shutdown) = (
-            builder.clone(),
-            graceful.watcher(),
-            force.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(
+        let svc = Tracking {
+            inner: make(info.clone()),
+            info: info.clone(),
+        };
+        let open = OpenConn::new(&metrics, opts.direction);
+        let (builder, force, shutdown) = (builder.clone(), force.clone(), shutdown.clone());
+        connections.spawn(
             async move {
-                // hyper's header timeout starts once it knows the protocol. Until then a client that sends
-                // nothing, or a few bytes of the HTTP/2 preface, would hold the connection forever.
-                tokio::select! {
-                    r = tokio::time::timeout(HEADER_READ_TIMEOUT, protocol_known(&stream)) => match r {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(_) => return open.count_error("header-timeout"),
-                    },
-                    _ = shutdown.cancelled() => return,
-                }
-                let io = match versions {
-                    Versions::Auto => TokioIo::new(Guarded::new(stream, verdicts)),
-                    // No HTTP/1 framing to follow on an h2-only listener.
-                    Versions::H2Only => TokioIo::new(Guarded::disabled(stream)),
-                };
-                let conn = watcher.watch(builder.serve_connection(io, svc));
-                tokio::select! {
-                    res = conn => open.finish(res, conn_info.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    _ = force.cancelled() => {}
-                }
+                let _slot = slot;
+                serve_connection(stream, info, svc, &builder, opts, open, shutdown, force).await;
             }
-            .instrument(tracing::debug_span!("conn", %peer)),
+            .instrument(tracing::debug_span!("conn", direction, %peer)),
         );
     }
     drop(listener);
+    connections.close();
     tracing::debug!(
         ?local,
-        direction = direction.as_str(),
-        open = graceful.count(),
+        direction,
+        open = connections.len(),
         "listener closed, draining"
     );
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(opts.drain, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            direction = direction.as_str(),
+            direction,
             "drain deadline passed with connections still open; closing them"
         );
         force.cancel();
+        connections.wait().await;
     }
 }
 
-/// The HTTP/2 client preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<S, B>(
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+    svc: Tracking<S>,
+    builder: &auto::Builder<TokioExecutor>,
+    opts: Options,
+    open: OpenConn,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = opts.limits;
+    // hyper needs the first bytes to tell HTTP/1 from HTTP/2. Until then a client that sends nothing, or a
+    // few bytes of the HTTP/2 preface, is held to the header timeout.
+    let h2 = tokio::select! {
+        r = tokio::time::timeout(limits.header_timeout, protocol(&stream)) => match r {
+            Ok(Some(h2)) => h2,
+            Ok(None) => return,
+            Err(_) => return open.count_error("header-timeout"),
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    let follower = (opts.follow_framing && !h2).then(|| Follower::new(info.framing.clone()));
+    let io = TokioIo::new(ClientIo {
+        inner: stream,
+        follower,
+        info: info.clone(),
+        heads: !h2,
+    });
+    // `serve_connection_with_upgrades` reads the protocol from the first bytes whatever the builder says, so
+    // an HTTP/2-only listener uses the plain connection (HTTP/2 upgrades, extended CONNECT, need nothing more).
+    match opts.versions {
+        Versions::Auto => {
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            drive(conn, &info, &limits, open, shutdown, force).await
+        }
+        Versions::H2Only => {
+            let conn = builder.serve_connection(io, svc);
+            drive(conn, &info, &limits, open, shutdown, force).await
+        }
+    }
+}
 
-/// Waits, without consuming anything, until the first bytes tell HTTP/1 from HTTP/2: false if the client
-/// closed first.
-async fn protocol_known(stream: &tokio::net::TcpStream) -> bool {
+/// Runs a connection until it ends, the drain deadline passes, or a timeout closes it.
+async fn drive<C>(
+    conn: C,
+    info: &ConnInfo,
+    limits: &ListenerLimits,
+    open: OpenConn,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) where
+    C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let timer = tokio::time::sleep(limits.idle_timeout);
+    let mut timer = std::pin::pin!(timer);
+    let mut draining = false;
+    let mut due = None;
+    loop {
+        let next = info.activity.deadline(limits);
+        if next != due {
+            due = next;
+            if let Some((at, _)) = due {
+                timer.as_mut().reset(at);
+            }
+        }
+        tokio::select! {
+            res = conn.as_mut() => {
+                open.finish(res);
+                return;
+            }
+            _ = info.activity.changed.notified() => {}
+            _ = timer.as_mut(), if due.is_some() => {
+                match info.activity.deadline(limits) {
+                    Some((at, Why::Head)) if Instant::now() >= at => {
+                        // A request head that did not arrive in time: drop the connection.
+                        return open.count_error("header-timeout");
+                    }
+                    Some((at, Why::Idle)) if Instant::now() >= at && !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
+                }
+                due = None;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = force.cancelled() => return,
+        }
+    }
+}
+
+/// Tells HTTP/1 from HTTP/2 by the first bytes, without consuming them: `Some(true)` for the HTTP/2 preface,
+/// `None` if the client closed first.
+async fn protocol(stream: &TcpStream) -> Option<bool> {
+    /// The HTTP/2 client preface (RFC 9113 §3.4).
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            // Not the preface (HTTP/1), or all of it (HTTP/2).
-            Ok(n) if !H2_PREFACE.starts_with(&buf[..n]) || n == H2_PREFACE.len() => return true,
+            Ok(0) | Err(_) => return None,
+            Ok(n) if !H2_PREFACE.starts_with(&buf[..n]) => return Some(false),
+            Ok(n) if n == H2_PREFACE.len() => return Some(true),
             // A prefix of the preface: peeking again would return at once, so give the rest time to arrive.
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
+    }
+}
+
+/// What a connection is doing, for the header and idle timeouts.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Requests whose response is not finished.
+    in_flight: AtomicUsize,
+    /// When `in_flight` last fell to zero (ns since `start`).
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (ns since `start`, plus one; 0: none yet).
+    head_since: AtomicU64,
+    /// Wakes the connection task when a deadline appears (idle begins, a head starts).
+    changed: Notify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    Head,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn at(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns)
+    }
+
+    /// The next deadline: none while a request is in flight.
+    fn deadline(&self, limits: &ListenerLimits) -> Option<(Instant, Why)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.head_since.load(Ordering::Acquire) {
+            0 => Some((
+                self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout,
+                Why::Idle,
+            )),
+            h => Some((self.at(h - 1) + limits.header_timeout, Why::Head)),
+        }
+    }
+
+    /// Bytes arrived (HTTP/1): with nothing in flight, they start the next request head.
+    fn read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == 0
+        {
+            self.head_since.store(self.now_ns() + 1, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Release);
+    }
+
+    fn request_done(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since.store(self.now_ns(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// Counts a request in flight from its head to the end of its response.
+struct InFlight(Arc<ConnInfo>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.activity.request_done();
+    }
+}
+
+/// The per-connection service: marks each request in flight until its response body is done.
+struct Tracking<S> {
+    inner: S,
+    info: Arc<ConnInfo>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracking<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes>,
+{
+    type Response = Response<Tracked<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.info.activity.request_started();
+        let guard = InFlight(self.info.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|body| Tracked {
+                inner: body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted in flight until it is done.
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _guard: InFlight,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection: what it reads feeds the framing follower and the header timeout.
+    struct ClientIo {
+        #[pin]
+        inner: TcpStream,
+        follower: Option<Follower>,
+        info: Arc<ConnInfo>,
+        // HTTP/1: bytes between requests start a head.
+        heads: bool,
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                if *this.heads {
+                    this.info.activity.read();
+                }
+                if let Some(f) = this.follower.as_mut() {
+                    f.feed(new);
+                    if !f.is_on() {
+                        *this.follower = None;
+                    }
+                }
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -226,13 +582,9 @@ impl OpenConn {
         }
     }
 
-    fn finish(self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>, served: u64) {
+    fn finish(self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
         if let Err(e) = result {
             let reason = classify(&*e);
-            if reason == "header-timeout" && served > 0 {
-                // An idle keep-alive connection closed after the header timeout: normal, not an error.
-                return;
-            }
             tracing::debug!(error = %e, reason, "client connection error");
             self.count_error(reason);
         }

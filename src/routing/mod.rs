@@ -7,7 +7,7 @@
 //!
 //! Each endpoint and service carries runtime state that must outlive any one table — latency estimate,
 //! in-flight count and circuit breaker per endpoint; round-robin cursor, retry budget and rate limiter per
-//! service. The router keeps that state in a registry keyed by identity and hands the same `Arc`s to every
+//! service. The router keeps that state in a state store keyed by identity and hands the same `Arc`s to every
 //! table it builds, so churn elsewhere in the table or a config reload never resets an endpoint's statistics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Protocol;
 use crate::policy::balance::{Candidate, PeakEwma};
-use crate::policy::breaker::{self, Breaker, BreakerConfig, Transition};
+use crate::policy::breaker::{self, Breaker, BreakerConfig, Permit, Transition};
 use crate::policy::budget::{BudgetConfig, RetryBudget};
 use crate::policy::ratelimit::{RateLimitConfig, TokenBucket};
+use crate::proxy::pool::{Pool, PoolKey, Wire};
 
 /// Default relative weight of an endpoint.
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -77,10 +78,25 @@ pub struct Endpoint {
     /// `addr` as a URI authority and as a header value (`mesh-endpoint`).
     pub addr_authority: Authority,
     pub addr_header: HeaderValue,
-    /// Where requests for this endpoint are sent: `addr` itself, or the owning node's inbound listener.
-    pub next_hop: Authority,
-    /// Latency, load and breaker, shared by every table that holds this endpoint.
+    /// Latency, load, breaker and connection pool, shared by every table that holds this endpoint.
     pub state: Arc<EndpointState>,
+}
+
+/// What connections to an endpoint are made for: straight to a local endpoint in its own protocol, or over
+/// HTTP/2 to the owning node's inbound listener, whose identity that node must prove.
+pub fn pool_key(addr: SocketAddr, protocol: Protocol, location: &Location) -> PoolKey {
+    match location {
+        Location::Local { .. } => PoolKey {
+            addr,
+            wire: if protocol.is_h2() { Wire::H2 } else { Wire::H1 },
+            identity: None,
+        },
+        Location::Remote { node, inbound } => PoolKey {
+            addr: *inbound,
+            wire: Wire::H2,
+            identity: Some(Arc::from(node.as_str())),
+        },
+    }
 }
 
 impl Endpoint {
@@ -91,10 +107,6 @@ impl Endpoint {
         location: Location,
         state: Arc<EndpointState>,
     ) -> Self {
-        let next_hop = match &location {
-            Location::Local { .. } => addr,
-            Location::Remote { inbound, .. } => *inbound,
-        };
         Endpoint {
             addr,
             protocol,
@@ -103,7 +115,6 @@ impl Endpoint {
             addr_authority: authority(addr),
             addr_header: HeaderValue::from_str(&addr.to_string())
                 .unwrap_or_else(|_| unreachable!("a socket address is a valid header value")),
-            next_hop: authority(next_hop),
             state,
         }
     }
@@ -120,14 +131,17 @@ pub struct EndpointState {
     pending: AtomicU32,
     ewma: Mutex<PeakEwma>,
     breaker: Mutex<Breaker>,
+    /// Connections to the endpoint (or to the node that owns it).
+    pub pool: Pool,
 }
 
 impl EndpointState {
-    pub fn new(now: Instant) -> Self {
+    pub fn new(now: Instant, key: PoolKey) -> Self {
         EndpointState {
             pending: AtomicU32::new(0),
             ewma: Mutex::new(PeakEwma::new(now)),
             breaker: Mutex::new(Breaker::new(now)),
+            pool: Pool::new(key),
         }
     }
 
@@ -153,22 +167,41 @@ impl EndpointState {
         lock(&self.breaker).state(now)
     }
 
-    pub fn breaker_acquire(&self, now: Instant) -> bool {
+    pub fn breaker_acquire(&self, now: Instant) -> Option<Permit> {
         lock(&self.breaker).acquire(now)
     }
 
-    pub fn breaker_release(&self, now: Instant) {
-        lock(&self.breaker).release_probe(now)
+    /// A permit for an ejected endpoint (every endpoint of the service is ejected).
+    pub fn breaker_forced(&self) -> Permit {
+        lock(&self.breaker).forced()
+    }
+
+    pub fn breaker_release(&self, now: Instant, permit: Permit) {
+        lock(&self.breaker).release(now, permit)
     }
 
     pub fn breaker_record(
         &self,
         cfg: &BreakerConfig,
         now: Instant,
+        permit: Permit,
         ok: bool,
         r: f64,
     ) -> Option<Transition> {
-        lock(&self.breaker).record(cfg, now, ok, r)
+        lock(&self.breaker).record(cfg, now, permit, ok, r)
+    }
+
+    /// Ejects an endpoint whose breaker tripped; false when it was no longer closed.
+    pub fn breaker_eject(&self, cfg: &BreakerConfig, now: Instant, r: f64) -> bool {
+        lock(&self.breaker).eject(cfg, now, r)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        lock(&self.breaker).is_ejected()
+    }
+
+    pub fn last_failure(&self) -> Option<Instant> {
+        lock(&self.breaker).last_failure()
     }
 }
 
@@ -206,6 +239,9 @@ pub struct ServiceState {
     pub outbound_metrics: std::sync::OnceLock<crate::telemetry::metrics::ServiceMetrics>,
     budget: Mutex<RetryBudget>,
     bucket: Mutex<Option<TokenBucket>>,
+    /// Held while deciding whether one more endpoint may be ejected, so two breakers tripping at once cannot
+    /// both take the last ejection the service allows.
+    pub ejection: Mutex<()>,
 }
 
 impl ServiceState {
@@ -215,6 +251,7 @@ impl ServiceState {
             outbound_metrics: std::sync::OnceLock::new(),
             budget: Mutex::new(RetryBudget::new(now)),
             bucket: Mutex::new(None),
+            ejection: Mutex::new(()),
         }
     }
 
@@ -257,14 +294,33 @@ pub struct Service {
     pub state: Arc<ServiceState>,
 }
 
+impl Service {
+    /// Endpoints whose breaker has them out of rotation.
+    pub fn ejected(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| e.state.is_ejected())
+            .count()
+    }
+
+    /// How many of the service's endpoints may be ejected at once under `max_ejection_percent`: that share,
+    /// rounded down, but at least one unless the percentage is 0.
+    pub fn ejection_limit(&self, max_ejection_percent: f64) -> usize {
+        if max_ejection_percent <= 0.0 {
+            return 0;
+        }
+        ((self.endpoints.len() as f64 * max_ejection_percent / 100.0).floor() as usize).max(1)
+    }
+}
+
 /// An immutable snapshot of every known service.
 #[derive(Debug, Default)]
 pub struct Table {
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<String, Arc<Service>>,
 }
 
 impl Table {
-    pub fn service(&self, name: &str) -> Option<&Service> {
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.get(name)
     }
 
@@ -339,7 +395,7 @@ impl Inputs {
         }
     }
 
-    fn build(&self, reg: &mut Registry, now: Instant) -> Table {
+    fn build(&self, reg: &mut StateStore, now: Instant) -> Table {
         let mut services: BTreeMap<String, Vec<Endpoint>> = self
             .declared
             .iter()
@@ -352,44 +408,43 @@ impl Inputs {
                 if eps.iter().any(|e| e.addr == s.addr && e.is_local()) {
                     continue;
                 }
+                let location = Location::Local { source: *source };
+                let key = pool_key(s.addr, s.protocol, &location);
                 eps.push(Endpoint::new(
                     s.addr,
                     s.protocol,
                     s.weight,
-                    Location::Local { source: *source },
-                    reg.endpoint(&s.service, s.addr, "", now),
+                    location,
+                    reg.endpoint(&s.service, s.addr, "", key, now),
                 ));
             }
         }
         for (node, (inbound, specs)) in &self.remote {
             for s in specs {
+                let location = Location::Remote {
+                    node: node.clone(),
+                    inbound: *inbound,
+                };
+                let key = pool_key(s.addr, s.protocol, &location);
+                let state = reg.endpoint(&s.service, s.addr, node, key, now);
                 services
                     .entry(s.service.clone())
                     .or_default()
-                    .push(Endpoint::new(
-                        s.addr,
-                        s.protocol,
-                        s.weight,
-                        Location::Remote {
-                            node: node.clone(),
-                            inbound: *inbound,
-                        },
-                        reg.endpoint(&s.service, s.addr, node, now),
-                    ));
+                    .push(Endpoint::new(s.addr, s.protocol, s.weight, location, state));
             }
         }
         Table {
             services: services
                 .into_iter()
                 .map(|(name, endpoints)| {
-                    let svc = Service {
+                    let svc = Arc::new(Service {
                         name: Arc::from(name.as_str()),
                         // Service names are validated (config) or come from discovery, which validates them too.
                         name_header: HeaderValue::from_str(&name)
                             .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                         endpoints,
                         state: reg.service(&name, now),
-                    };
+                    });
                     (name, svc)
                 })
                 .collect(),
@@ -397,29 +452,35 @@ impl Inputs {
     }
 }
 
+/// An endpoint's identity for its runtime state: service, address, owning node ("" for this one), and what
+/// its connections are for. An endpoint whose route changes (another inbound address, another protocol) gets
+/// fresh state, so no connection is ever reused for a key it was not opened with.
+type EndpointKey = (String, SocketAddr, String, PoolKey);
+
 /// The runtime state of every endpoint and service in the current table.
 #[derive(Default)]
-struct Registry {
-    endpoints: HashMap<(String, SocketAddr, String), Arc<EndpointState>>,
+struct StateStore {
+    endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
     services: HashMap<String, Arc<ServiceState>>,
     /// Keys used by the build in progress.
-    used_endpoints: std::collections::HashSet<(String, SocketAddr, String)>,
+    used_endpoints: std::collections::HashSet<EndpointKey>,
     used_services: std::collections::HashSet<String>,
 }
 
-impl Registry {
+impl StateStore {
     fn endpoint(
         &mut self,
         service: &str,
         addr: SocketAddr,
         node: &str,
+        pool: PoolKey,
         now: Instant,
     ) -> Arc<EndpointState> {
-        let key = (service.to_string(), addr, node.to_string());
+        let key = (service.to_string(), addr, node.to_string(), pool);
         self.used_endpoints.insert(key.clone());
         self.endpoints
             .entry(key)
-            .or_insert_with(|| Arc::new(EndpointState::new(now)))
+            .or_insert_with_key(|k| Arc::new(EndpointState::new(now, k.3.clone())))
             .clone()
     }
 
@@ -465,7 +526,7 @@ impl RoutingHandle {
 pub struct Router {
     rx: mpsc::UnboundedReceiver<Update>,
     inputs: Inputs,
-    registry: Registry,
+    states: StateStore,
     table_tx: watch::Sender<Arc<Table>>,
     /// `meshd_circuit_breaker_open`: series of removed endpoints are deleted.
     breaker_gauge: Option<prometheus::IntGaugeVec>,
@@ -479,7 +540,7 @@ impl Router {
             Router {
                 rx,
                 inputs: Inputs::default(),
-                registry: Registry::default(),
+                states: StateStore::default(),
                 table_tx,
                 breaker_gauge: None,
             },
@@ -505,8 +566,8 @@ impl Router {
             while let Ok(u) = self.rx.try_recv() {
                 self.inputs.apply(u);
             }
-            let table = self.inputs.build(&mut self.registry, Instant::now());
-            for (service, addr) in self.registry.prune() {
+            let table = self.inputs.build(&mut self.states, Instant::now());
+            for (service, addr) in self.states.prune() {
                 if let Some(g) = &self.breaker_gauge {
                     let _ = g.remove_label_values(&[&service, &addr.to_string()]);
                 }
@@ -545,7 +606,7 @@ mod tests {
             inbound: "10.1.0.1:4143".parse().unwrap(),
             endpoints: vec![spec("users", "10.0.9.1:80")],
         });
-        let mut reg = Registry::default();
+        let mut reg = StateStore::default();
         let now = Instant::now();
         let t = inputs.build(&mut reg, now);
         reg.prune();
@@ -585,7 +646,7 @@ mod tests {
     #[test]
     fn endpoint_state_survives_rebuilds() {
         let mut inputs = Inputs::default();
-        let mut reg = Registry::default();
+        let mut reg = StateStore::default();
         let now = Instant::now();
         inputs.apply(Update::SetLocal {
             source: Source::Static,

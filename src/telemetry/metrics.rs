@@ -11,6 +11,8 @@ pub enum Direction {
     Outbound,
     /// From peer agents, on the inbound listener.
     Inbound,
+    /// The admin API (connections only; its requests are not counted as traffic).
+    Admin,
 }
 
 impl Direction {
@@ -18,6 +20,7 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Admin => "admin",
         }
     }
 }
@@ -29,17 +32,19 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// An agent's registry. Cheap to clone.
 #[derive(Clone)]
-pub struct Registry {
+pub struct Metrics {
     inner: prometheus::Registry,
     pub proxy: ProxyMetrics,
     pub policy: PolicyMetrics,
     pub discovery: DiscoveryMetrics,
+    pub upstream: UpstreamMetrics,
+    pub tunnels: TunnelMetrics,
     /// `meshd_config_reload_failures_total`
     pub config_reload_failures: prometheus::IntCounter,
 }
 
-impl Registry {
-    pub fn new() -> Registry {
+impl Metrics {
+    pub fn new() -> Metrics {
         let inner = prometheus::Registry::new();
         let build_info = IntGaugeVec::new(
             Opts::new("meshd_build_info", "meshd build information; always 1"),
@@ -53,17 +58,21 @@ impl Registry {
         let proxy = ProxyMetrics::new(&inner);
         let policy = PolicyMetrics::new(&inner);
         let discovery = DiscoveryMetrics::new(&inner);
+        let upstream = UpstreamMetrics::new(&inner);
+        let tunnels = TunnelMetrics::new(&inner);
         let config_reload_failures = prometheus::IntCounter::new(
             "meshd_config_reload_failures_total",
             "Reloads refused because the new configuration was invalid or unreadable",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, config_reload_failures.clone());
-        Registry {
+        Metrics {
             inner,
             proxy,
             policy,
             discovery,
+            upstream,
+            tunnels,
             config_reload_failures,
         }
     }
@@ -78,9 +87,9 @@ impl Registry {
     }
 }
 
-impl Default for Registry {
+impl Default for Metrics {
     fn default() -> Self {
-        Registry::new()
+        Metrics::new()
     }
 }
 
@@ -310,14 +319,130 @@ impl DiscoveryMetrics {
     }
 }
 
+/// Metrics of upgraded connections (WebSocket).
+#[derive(Clone)]
+pub struct TunnelMetrics {
+    /// `meshd_upgrades_total{direction,result}`: upgrade requests (`upgraded`, `declined` by the upstream,
+    /// `failed`).
+    pub upgrades: IntCounterVec,
+    /// `meshd_upgraded_connections{direction}`: upgraded connections open now.
+    pub open: IntGaugeVec,
+    /// `meshd_upgraded_connection_ends_total{direction,reason}`: why upgraded connections ended (`closed`,
+    /// `idle`, `shutdown`, `error`).
+    pub ends: IntCounterVec,
+}
+
+impl TunnelMetrics {
+    fn new(reg: &prometheus::Registry) -> Self {
+        TunnelMetrics {
+            upgrades: counter(
+                reg,
+                "meshd_upgrades_total",
+                "Connection: Upgrade requests (WebSocket), by result",
+                &["direction", "result"],
+            ),
+            open: gauge(
+                reg,
+                "meshd_upgraded_connections",
+                "Upgraded connections (WebSocket) open now",
+                &["direction"],
+            ),
+            ends: counter(
+                reg,
+                "meshd_upgraded_connection_ends_total",
+                "Upgraded connections that ended, by reason",
+                &["direction", "reason"],
+            ),
+        }
+    }
+
+    pub fn attempted(&self, direction: &str, result: &str) {
+        self.upgrades.with_label_values(&[direction, result]).inc();
+    }
+
+    pub fn ended(&self, direction: &str, reason: &str) {
+        self.ends.with_label_values(&[direction, reason]).inc();
+    }
+
+    /// Counts an upgraded connection as open until the guard is dropped.
+    pub fn open(&self, direction: &str) -> OpenGauge {
+        let g = self.open.with_label_values(&[direction]);
+        g.inc();
+        OpenGauge(g)
+    }
+}
+
+/// Metrics of the upstream connection pools.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    /// `meshd_upstream_connections{protocol}`: upstream connections open now (`http1`, `http2`).
+    pub connections: IntGaugeVec,
+    /// `meshd_upstream_connects_total{protocol,result}`: connection attempts (`ok`, `refused`, `timeout`,
+    /// `handshake`, `error`).
+    pub connects: IntCounterVec,
+    /// `meshd_upstream_stale_retries_total`: requests sent again on a fresh connection because the reused one
+    /// had been closed by the upstream before it answered.
+    pub stale_retries: prometheus::IntCounter,
+}
+
+/// One open upstream connection, counted in `meshd_upstream_connections` while it lives.
+pub struct OpenGauge(prometheus::IntGauge);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl UpstreamMetrics {
+    fn new(reg: &prometheus::Registry) -> Self {
+        let stale_retries = prometheus::IntCounter::new(
+            "meshd_upstream_stale_retries_total",
+            "Requests sent again on a fresh connection after a reused one turned out closed by the upstream",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(reg, stale_retries.clone());
+        UpstreamMetrics {
+            connections: gauge(
+                reg,
+                "meshd_upstream_connections",
+                "Upstream connections open now, by protocol",
+                &["protocol"],
+            ),
+            connects: counter(
+                reg,
+                "meshd_upstream_connects_total",
+                "Upstream connection attempts, by protocol and result",
+                &["protocol", "result"],
+            ),
+            stale_retries,
+        }
+    }
+
+    pub fn connected(&self, protocol: &str) {
+        self.connects.with_label_values(&[protocol, "ok"]).inc();
+    }
+
+    pub fn connect_failed(&self, protocol: &str, result: &str) {
+        self.connects.with_label_values(&[protocol, result]).inc();
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open(&self, protocol: &str) -> OpenGauge {
+        let g = self.connections.with_label_values(&[protocol]);
+        g.inc();
+        OpenGauge(g)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn registries_are_independent() {
-        let a = Registry::new();
-        let b = Registry::new();
+        let a = Metrics::new();
+        let b = Metrics::new();
         a.proxy.record(
             Direction::Outbound,
             "users",

@@ -6,4 +6,4 @@
 pub mod logging;
 pub mod metrics;
 
-pub use metrics::{Direction, Registry};
+pub use metrics::{Direction, Metrics};

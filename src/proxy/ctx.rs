@@ -1,0 +1,57 @@
+//! The per-request context: what the proxy knows about one request as it moves from target resolution through
+//! the attempt loop to the response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Version};
+
+use super::headers::ensure_request_id;
+use super::is_grpc;
+
+/// The incoming W3C trace context header, carried through unchanged for log correlation.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// One request's context.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// When the request head was handed to meshd.
+    pub received: Instant,
+    /// The client's address (an app, or a peer agent on the inbound side).
+    pub peer: SocketAddr,
+    /// The node a peer agent proved to be (mutual TLS); `None` for apps and for plaintext peers.
+    pub peer_identity: Option<Arc<str>>,
+    /// `mesh-request-id`, generated when absent.
+    pub request_id: Option<HeaderValue>,
+    /// The incoming `traceparent`, if any.
+    pub trace: Option<HeaderValue>,
+    /// gRPC requests get meshd's errors as `grpc-status`.
+    pub grpc: bool,
+    /// The HTTP version the client spoke.
+    pub version: Version,
+    /// The service the request is accounted to, once known.
+    pub service: Option<Arc<str>>,
+    /// When meshd stops waiting for a response, once known.
+    pub deadline: Option<Instant>,
+    /// Attempts sent so far.
+    pub attempt: u32,
+}
+
+impl RequestCtx {
+    /// The context of a request just received from `peer`; gives it a request id if it has none.
+    pub fn new<B>(req: &mut Request<B>, peer: SocketAddr) -> Self {
+        RequestCtx {
+            received: Instant::now(),
+            peer,
+            peer_identity: None,
+            request_id: ensure_request_id(req.headers_mut()),
+            trace: req.headers().get(TRACEPARENT).cloned(),
+            grpc: is_grpc(req),
+            version: req.version(),
+            service: None,
+            deadline: None,
+            attempt: 0,
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! The attempt loop: pick an endpoint, send, and retry when the policy, the budget and the deadline allow.
+//!
+//! A request is sent again only when that is safe: an idempotent method (or `mesh-retryable: true`) whose body
+//! meshd holds in full (none, or at most [`MAX_REPLAY_BODY`] buffered before the first attempt). A connection
+//! that turns out stale is a separate case, handled inside the pool: the request goes once more on a fresh
+//! connection, under the same rule, and no breaker or budget hears of it.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{HeaderName, HeaderValue, Method, Request, Uri, Version, header};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Incoming};
+
+use super::target::{PER_HOP, Target};
+use super::{Outbound, Refusal, Served};
+use crate::config::ServicePolicy;
+use crate::config::policy::Conditions;
+use crate::policy::balance::{self, Tried};
+use crate::policy::breaker::Permit;
+use crate::policy::fault;
+use crate::proxy::ctx::RequestCtx;
+use crate::proxy::errors::MeshError;
+use crate::proxy::headers::{
+    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE,
+    append_forwarded_for, join_cookies, remove_all, strip_hop_by_hop, write_deadline,
+    write_grpc_timeout, write_relative_deadline,
+};
+use crate::proxy::observe::{Observed, Report};
+use crate::proxy::pool::{ClientBody, FailKind, ReqBody, SendError, SendOpts, Wire};
+use crate::proxy::proto_name;
+use crate::routing::{Endpoint, Location, Service};
+
+/// Request bodies up to this size are buffered so the request can be retried.
+pub const MAX_REPLAY_BODY: usize = 64 * 1024;
+/// Retry backoff: full jitter over an exponential from this base…
+const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// …up to this cap.
+const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(250);
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2).
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Full jitter over min(cap, base × 2^n).
+fn retry_backoff(n: u32, r: f64) -> Duration {
+    let ceiling = RETRY_BACKOFF_BASE
+        .saturating_mul(1u32 << n.min(16))
+        .min(RETRY_BACKOFF_CAP);
+    ceiling.mul_f64(r.clamp(0.0, 1.0))
+}
+
+/// One attempt's result.
+// Lives on the stack for one attempt; boxing the response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    Response(http::Response<Observed>),
+    Failed(SendError),
+}
+
+/// The request body as the attempts see it.
+enum Payload {
+    /// Held in full (possibly empty): every attempt sends a copy.
+    Replay(Bytes),
+    /// Streamed from the client: one attempt only.
+    Stream(Option<ClientBody>),
+}
+
+impl Payload {
+    fn take(&mut self) -> ReqBody {
+        match self {
+            Payload::Replay(b) => Either::Right(Full::new(b.clone())),
+            Payload::Stream(s) => match s.take() {
+                Some(b) => Either::Left(b),
+                None => Either::Right(Full::new(Bytes::new())),
+            },
+        }
+    }
+}
+
+/// Runs the attempts for `t`, and returns the response to give the client or the reason meshd answers itself.
+pub async fn run(
+    out: &Outbound,
+    ctx: &mut RequestCtx,
+    t: super::target::Target,
+    req: Request<Incoming>,
+) -> Result<Served, Refusal> {
+    let policy = t.policy();
+    let safe_to_repeat = idempotent(req.method())
+        || req
+            .headers()
+            .get(MESH_RETRYABLE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let (mut head, body) = req.into_parts();
+    prepare_head(&mut head, ctx, &t);
+    let wanted_attempts = if safe_to_repeat {
+        policy.retry.max_attempts.max(1)
+    } else {
+        1
+    };
+    let mut payload = payload(&head, ClientBody::new(body), wanted_attempts > 1, &t).await?;
+    let replayable = matches!(payload, Payload::Replay(_));
+    let max_attempts = if replayable { wanted_attempts } else { 1 };
+    // A stale connection may be retried under the same rule as any retry, whatever max_attempts says.
+    let resend_if_stale = replayable && safe_to_repeat;
+
+    let budget = policy.retry.budget();
+    t.logical.state.budget_deposit(&budget, Instant::now());
+    let mut rng = fastrand::Rng::new();
+    let mut tried = Tried::default();
+    loop {
+        ctx.attempt += 1;
+        let attempt = ctx.attempt;
+        let now = Instant::now();
+        if now >= t.deadline {
+            return Err(Refusal::new(
+                Some(&t.service.name),
+                MeshError::Timeout,
+                format!(
+                    "service {:?}: no response within {}",
+                    t.service.name,
+                    crate::util::duration::format(policy.timeout)
+                ),
+            ));
+        }
+        let (idx, permit) = pick_endpoint(policy, &t.service, now, &mut rng, tried);
+        tried.add(idx);
+        let endpoint = &t.service.endpoints[idx];
+        let try_deadline = policy
+            .per_try_timeout
+            .map_or(t.deadline, |p| (now + p).min(t.deadline));
+        // Copy the head only when another send may need it.
+        let last = attempt >= max_attempts && !resend_if_stale;
+        let this_head = if last {
+            std::mem::replace(&mut head, Request::new(()).into_parts().0)
+        } else {
+            head.clone()
+        };
+        let req = for_endpoint(
+            this_head,
+            payload.take(),
+            endpoint,
+            &t,
+            try_deadline,
+            ctx.grpc,
+        );
+        let again = || {
+            resend_if_stale.then(|| {
+                let body = payload.take();
+                for_endpoint(head.clone(), body, endpoint, &t, try_deadline, ctx.grpc)
+            })
+        };
+        let result = send_once(out, &t, idx, permit, req, try_deadline, ctx.grpc, again).await;
+
+        // Decide on a retry.
+        let (retry_wanted, failed) = match &result {
+            Attempt::Response(r) => (
+                policy.retry.on.status(r.status()),
+                r.status().is_server_error(),
+            ),
+            Attempt::Failed(e) => (
+                match e.kind {
+                    FailKind::Connect => policy.retry.on.connect_failure,
+                    FailKind::RefusedStream => policy.retry.on.refused_stream,
+                    FailKind::Timeout => policy.retry.on.timeout,
+                    FailKind::Stale | FailKind::ClientBody | FailKind::Other => false,
+                },
+                true,
+            ),
+        };
+        if attempt > 1 {
+            let outcome = if failed { "failure" } else { "success" };
+            out.policy_metrics
+                .retries
+                .with_label_values(&[&t.logical.name, outcome])
+                .inc();
+        }
+        let backoff = retry_backoff(attempt - 1, rng.f64());
+        let can_retry =
+            retry_wanted && attempt < max_attempts && Instant::now() + backoff < t.deadline && {
+                let granted = t.logical.state.budget_withdraw(&budget, Instant::now());
+                if !granted {
+                    out.policy_metrics
+                        .budget_exhausted
+                        .with_label_values(&[&t.logical.name])
+                        .inc();
+                }
+                granted
+            };
+        if can_retry {
+            tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
+            tokio::time::sleep(backoff).await;
+            continue;
+        }
+        return match result {
+            Attempt::Response(resp) => Ok(Served {
+                service: t.service.clone(),
+                resp: resp.map(Either::Left),
+            }),
+            Attempt::Failed(e) if e.kind == FailKind::ClientBody => {
+                Err(Refusal::new(Some(&t.service.name), MeshError::BadRequest, e.detail).closing())
+            }
+            Attempt::Failed(e) => Err(Refusal::new(
+                Some(&t.service.name),
+                MeshError::for_failure(e.kind),
+                format!("service {:?}: {}", t.service.name, e.detail),
+            )),
+        };
+    }
+}
+
+/// The headers every attempt shares: hop-by-hop and meshd's per-hop controls removed, `X-Forwarded-For`
+/// extended, the service named.
+pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
+    strip_hop_by_hop(&mut head.headers);
+    // `Expect` is answered by meshd's own server; the rest are meshd's per-hop controls.
+    remove_all(&mut head.headers, &[header::EXPECT]);
+    remove_all(&mut head.headers, &PER_HOP);
+    remove_all(
+        &mut head.headers,
+        &[
+            HeaderName::from_static(fault::MESH_FAULT_DELAY),
+            HeaderName::from_static(fault::MESH_FAULT_ABORT),
+        ],
+    );
+    append_forwarded_for(&mut head.headers, ctx.peer.ip());
+    head.headers
+        .insert(MESH_SERVICE, t.service.name_header.clone());
+}
+
+/// Holds the body when it is empty, or when a retry may need it and it is known to be small
+/// (Content-Length ≤ [`MAX_REPLAY_BODY`]). Bodies of unknown length are streamed and never retried: waiting
+/// for their end could stall a streaming client. Buffering ends at the request's deadline: a client that
+/// trickles its body is answered 408 instead of holding the request forever.
+async fn payload(
+    head: &Parts,
+    body: ClientBody,
+    retries_possible: bool,
+    t: &Target,
+) -> Result<Payload, Refusal> {
+    if body.is_end_stream() {
+        return Ok(Payload::Replay(Bytes::new()));
+    }
+    let declared = head
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if !retries_possible || declared.is_none_or(|n| n > MAX_REPLAY_BODY as u64) {
+        return Ok(Payload::Stream(Some(body)));
+    }
+    let name = Some(&t.service.name);
+    match tokio::time::timeout_at(
+        t.deadline.into(),
+        Limited::new(body, MAX_REPLAY_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => Ok(Payload::Replay(collected.to_bytes())),
+        Ok(Err(e)) => Err(Refusal::new(
+            name,
+            MeshError::BadRequest,
+            format!("reading the request body: {e}"),
+        )
+        .closing()),
+        Err(_) => Err(Refusal::new(
+            name,
+            MeshError::RequestTimeout,
+            "the request body did not arrive before the request's deadline",
+        )
+        .closing()),
+    }
+}
+
+/// Picks an endpoint of `svc` by the service's balancer and takes its breaker's permit (the single probe, for
+/// an endpoint whose backoff has just passed). When every endpoint is ejected, the one that failed longest
+/// ago gets the request anyway: meshd never fails a request locally while endpoints exist.
+pub(super) fn pick_endpoint(
+    policy: &ServicePolicy,
+    svc: &Service,
+    now: Instant,
+    rng: &mut fastrand::Rng,
+    mut tried: Tried,
+) -> (usize, Permit) {
+    let first_tried = tried;
+    // Another request may take a probe between the pick and the acquire: try a few times.
+    for _ in 0..4 {
+        let Some(idx) = balance::pick(
+            policy.load_balancer,
+            &svc.endpoints,
+            now,
+            rng,
+            &svc.state.rr,
+            tried,
+        ) else {
+            break;
+        };
+        if let Some(permit) = svc.endpoints[idx].state.breaker_acquire(now) {
+            return (idx, permit);
+        }
+        tried.add(idx);
+    }
+    let oldest_failure = |skip: Tried| {
+        svc.endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(*i))
+            .min_by_key(|(_, e)| e.state.last_failure())
+            .map(|(i, _)| i)
+    };
+    let idx = oldest_failure(first_tried)
+        .or_else(|| oldest_failure(Tried::default()))
+        .unwrap_or(0);
+    (idx, svc.endpoints[idx].state.breaker_forced())
+}
+
+/// `head` + `body` as `endpoint` must receive them: the request target and `Host`/`:authority` in the form
+/// its protocol uses, the deadline in the form its hop uses, and for an endpoint on another node the headers
+/// its agent needs.
+fn for_endpoint(
+    mut head: Parts,
+    body: ReqBody,
+    endpoint: &Endpoint,
+    t: &Target,
+    try_deadline: Instant,
+    grpc: bool,
+) -> Request<ReqBody> {
+    let wire = endpoint.state.pool.key().wire;
+    head.uri = request_target(wire, &t.authority, &head.uri);
+    match wire {
+        Wire::H1 => {
+            head.version = Version::HTTP_11;
+            if let Ok(v) = HeaderValue::from_str(t.authority.as_str()) {
+                head.headers.insert(header::HOST, v);
+            }
+            join_cookies(&mut head.headers);
+        }
+        Wire::H2 => {
+            head.version = Version::HTTP_2;
+            // `:authority` carries it.
+            head.headers.remove(header::HOST);
+        }
+    }
+    match &endpoint.location {
+        Location::Local { .. } => write_deadline(&mut head.headers, try_deadline),
+        Location::Remote { .. } => {
+            head.headers
+                .insert(MESH_ENDPOINT, endpoint.addr_header.clone());
+            let proto = if endpoint.protocol.is_h2() {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            head.headers
+                .insert(MESH_ORIG_PROTO, HeaderValue::from_static(proto_name(proto)));
+            write_relative_deadline(&mut head.headers, try_deadline);
+        }
+    }
+    if grpc || head.headers.contains_key(GRPC_TIMEOUT) {
+        write_grpc_timeout(
+            &mut head.headers,
+            try_deadline.saturating_duration_since(Instant::now()),
+        );
+    }
+    Request::from_parts(head, body)
+}
+
+/// Origin-form (`/path?query`) for HTTP/1.1; `http://<authority>/path?query` for HTTP/2, whose `:authority`
+/// it becomes.
+pub fn request_target(wire: Wire, authority: &http::uri::Authority, original: &Uri) -> Uri {
+    let path = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    if wire == Wire::H2 {
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+    }
+    parts.path_and_query = Some(path);
+    Uri::from_parts(parts)
+        .unwrap_or_else(|_| unreachable!("a path, with or without scheme and authority"))
+}
+
+/// Sends one attempt to endpoint `idx` of `t.service`, feeding its latency estimate and circuit breaker.
+#[allow(clippy::too_many_arguments)]
+async fn send_once(
+    out: &Outbound,
+    t: &Target,
+    idx: usize,
+    permit: Permit,
+    req: Request<ReqBody>,
+    deadline: Instant,
+    grpc: bool,
+    again: impl FnOnce() -> Option<Request<ReqBody>>,
+) -> Attempt {
+    let endpoint = &t.service.endpoints[idx];
+    let policy = t.policy();
+    let report = Report::new(
+        t.service.clone(),
+        idx,
+        permit,
+        t.config.clone(),
+        t.logical.name.clone(),
+        out.policy_metrics.breaker_open.clone(),
+    );
+    let opts = SendOpts {
+        connect_timeout: policy.connect_timeout,
+        fresh: false,
+    };
+    let pending = endpoint.state.start();
+    let sent = Instant::now();
+    let result = tokio::time::timeout_at(
+        deadline.into(),
+        endpoint
+            .state
+            .pool
+            .send_or_resend_stale(&out.upstreams, req, opts, again),
+    )
+    .await;
+    drop(pending);
+    let now = Instant::now();
+    let failure_on = &policy.circuit_breaker.failure_on;
+    match result {
+        Ok(Ok((resp, lease))) => {
+            endpoint.state.observe_latency(now - sent, now);
+            let trailers_only_grpc = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u8>().ok());
+            let failed_now = failure_on.status(resp.status())
+                || trailers_only_grpc.is_some_and(|c| failure_on.grpc_status(c));
+            // A gRPC response's status comes in its trailers: judge it when the body ends.
+            let report = if grpc && trailers_only_grpc.is_none() && !failed_now {
+                Some(report)
+            } else {
+                report.finish(!failed_now);
+                None
+            };
+            let mut resp = resp.map(|b| Observed::new(b, report, Some(lease)));
+            strip_hop_by_hop(resp.headers_mut());
+            Attempt::Response(resp)
+        }
+        Ok(Err(e)) => {
+            settle(report, e.kind, failure_on);
+            Attempt::Failed(e)
+        }
+        Err(_elapsed) => {
+            endpoint.state.observe_latency(now - sent, now);
+            report.finish(!failure_on.timeout);
+            let waited = now.saturating_duration_since(sent);
+            Attempt::Failed(SendError {
+                kind: FailKind::Timeout,
+                detail: format!(
+                    "no response from {} within {}",
+                    endpoint.addr,
+                    crate::util::duration::format(Duration::from_millis(waited.as_millis() as u64))
+                ),
+                unsent: None,
+            })
+        }
+    }
+}
+
+/// Tells the breaker about a failed attempt, as far as `failure_on` counts it.
+pub(super) fn settle(report: Report, kind: FailKind, failure_on: &Conditions) {
+    let counts = match kind {
+        FailKind::Connect => failure_on.connect_failure,
+        FailKind::RefusedStream => failure_on.refused_stream,
+        FailKind::Timeout => failure_on.timeout,
+        FailKind::Other => true,
+        // Not the endpoint's doing: the client's body failed, or a kept-alive connection raced its close.
+        FailKind::ClientBody | FailKind::Stale => return report.abandon(),
+    };
+    report.finish(!counts);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        assert_eq!(retry_backoff(0, 1.0), Duration::from_millis(25));
+        assert_eq!(retry_backoff(1, 1.0), Duration::from_millis(50));
+        assert_eq!(retry_backoff(10, 1.0), Duration::from_millis(250));
+        assert_eq!(retry_backoff(3, 0.0), Duration::ZERO);
+        assert!(retry_backoff(2, 0.5) <= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        assert!(
+            idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE)
+        );
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+
+    #[test]
+    fn request_targets_by_protocol() {
+        let a: http::uri::Authority = "users.mesh:8080".parse().unwrap();
+        let orig: Uri = "http://users.mesh:8080/a?b=1".parse().unwrap();
+        assert_eq!(request_target(Wire::H1, &a, &orig), "/a?b=1");
+        assert_eq!(
+            request_target(Wire::H2, &a, &orig),
+            "http://users.mesh:8080/a?b=1"
+        );
+        // `OPTIONS *` keeps its asterisk.
+        let star: Uri = "*".parse().unwrap();
+        assert_eq!(request_target(Wire::H1, &a, &star), "*");
+    }
+}

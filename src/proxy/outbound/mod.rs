@@ -1,0 +1,190 @@
+//! The outbound proxy: requests from local apps, routed by service name to an endpoint anywhere in the mesh.
+//!
+//! Reads routing-table and config snapshots; writes only the per-endpoint and per-service runtime state the
+//! table carries (latency, in-flight counts, breakers, budgets, rate limiters, connection pools). A request
+//! goes through three steps, one module each:
+//! - [`target`]: which service, under which policy and deadline — rate limit → fault → deadline → route/split;
+//! - [`attempt`]: the attempt loop — balancing, sending, retries within the budget;
+//! - this module: the response — meshd's own errors, metrics, the request id.
+//!
+//! A request for a local endpoint goes straight to it in the endpoint's protocol; one for an endpoint on
+//! another node goes over HTTP/2 to that node's inbound listener, naming the service and the endpoint.
+//! `Connection: Upgrade` requests (WebSocket) take [`upgrade`] instead of the attempt loop.
+
+pub mod attempt;
+pub mod target;
+pub mod upgrade;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Response, Version, header};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use super::ProxyBody;
+use super::ctx::RequestCtx;
+use super::errors::{MeshError, error_response};
+use super::framing::Framing;
+use super::headers::MESH_REQUEST_ID;
+use super::pool::Upstreams;
+use super::server::{ConnInfo, Handler};
+use super::tunnel::Tunnels;
+use crate::config::Config;
+use crate::routing::{Service, Table};
+use crate::telemetry::Direction;
+use crate::telemetry::metrics::{PolicyMetrics, ProxyMetrics};
+
+/// Shared state of the outbound proxy.
+pub struct Outbound {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub table: watch::Receiver<Arc<Table>>,
+    pub upstreams: Upstreams,
+    pub metrics: ProxyMetrics,
+    pub policy_metrics: PolicyMetrics,
+    /// Upgraded connections (WebSocket), drained on shutdown.
+    pub tunnels: Tunnels,
+}
+
+/// The outbound request handler; one clone per connection.
+#[derive(Clone)]
+pub struct OutboundHandler(pub Arc<Outbound>);
+
+/// A response from an endpoint of `service`.
+pub struct Served {
+    pub service: Arc<Service>,
+    pub resp: Response<ProxyBody>,
+}
+
+/// Why a request was answered by meshd, and for which service (if one was resolved).
+#[derive(Debug)]
+pub struct Refusal {
+    pub service: Option<Arc<str>>,
+    pub error: MeshError,
+    pub detail: String,
+    /// Close the client connection after answering.
+    pub close: bool,
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    pub fn new(service: Option<&Arc<str>>, error: MeshError, detail: impl Into<String>) -> Self {
+        Refusal {
+            service: service.cloned(),
+            error,
+            detail: detail.into(),
+            close: false,
+            retry_after: None,
+        }
+    }
+
+    /// The request is unusable as a whole: answer and close the connection.
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+}
+
+impl Handler for OutboundHandler {
+    fn handle(
+        self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        let this = self.0;
+        async move {
+            let mut req = req;
+            let mut ctx = RequestCtx::new(&mut req, conn.peer);
+            let result = this.proxy(&mut ctx, req, &conn).await;
+            this.respond(&ctx, result)
+        }
+    }
+}
+
+impl Outbound {
+    async fn proxy(
+        &self,
+        ctx: &mut RequestCtx,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Served, Refusal> {
+        if req.version() < Version::HTTP_2 && conn.framing.next() == Framing::Conflicting {
+            return Err(Refusal::new(
+                None,
+                MeshError::BadRequest,
+                "both Transfer-Encoding and Content-Length are set; refusing an ambiguous request",
+            )
+            .closing());
+        }
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::new(
+                None,
+                MeshError::Forbidden,
+                "CONNECT tunnels are not proxied; send plain HTTP requests for a service",
+            ));
+        }
+        let target = target::resolve(self, ctx, &req).await?;
+        if upgrade::is_upgrade(&req) {
+            return upgrade::proxy(self, ctx, target, req).await;
+        }
+        attempt::run(self, ctx, target, req).await
+    }
+
+    /// meshd's response: the upstream's, or meshd's own error; counted either way.
+    fn respond(&self, ctx: &RequestCtx, result: Result<Served, Refusal>) -> Response<ProxyBody> {
+        // meshd's own gRPC errors travel as HTTP 200: count them by the status they stand for.
+        let (mut resp, counted, served) = match result {
+            Ok(Served { service, resp }) => (resp, None, Some(service)),
+            Err(r) => {
+                self.metrics
+                    .errors
+                    .with_label_values(&[Direction::Outbound.as_str(), r.error.code()])
+                    .inc();
+                tracing::debug!(error = r.error.code(), detail = %r.detail, peer = %ctx.peer,
+                    request_id = ?ctx.request_id, "outbound request answered by meshd");
+                let mut resp = error_response(r.error, ctx.grpc, &r.detail);
+                if r.close {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                if let Some(wait) = r.retry_after {
+                    resp.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+                    );
+                }
+                let status = r.error.status();
+                let name = r.service.or_else(|| ctx.service.clone());
+                self.metrics.record(
+                    Direction::Outbound,
+                    name.as_deref().unwrap_or(""),
+                    status,
+                    ctx.received.elapsed(),
+                );
+                (resp, Some(status), None)
+            }
+        };
+        // Whatever the upstream spoke, hand hyper an HTTP/1.1 response for an HTTP/1.x client (hyper then
+        // writes it in the client's version and, for HTTP/1.0 keep-alive clients, keeps the connection) and
+        // an HTTP/2 one for an HTTP/2 client.
+        *resp.version_mut() = if ctx.version == Version::HTTP_2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        if let Some(id) = &ctx.request_id {
+            resp.headers_mut()
+                .entry(MESH_REQUEST_ID)
+                .or_insert_with(|| id.clone());
+        }
+        if let Some(service) = served {
+            let status = counted.unwrap_or(resp.status());
+            service
+                .state
+                .outbound_metrics
+                .get_or_init(|| self.metrics.for_service(Direction::Outbound, &service.name))
+                .record(status, ctx.received.elapsed());
+        }
+        resp
+    }
+}

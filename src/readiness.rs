@@ -1,0 +1,67 @@
+//! Readiness: a set of tokens, one per subsystem that must finish starting before `/ready` answers 200.
+//!
+//! A subsystem takes a [`ReadyToken`] while it is being built and drops it (or calls [`ReadyToken::ready`]) once
+//! it can serve. Nothing here knows about the admin API: the admin server only reads [`Readiness::is_ready`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Ready once every subsystem has given back its token, and not while draining.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pending: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// Held by a subsystem until it is ready; dropping it (or calling `ready`) marks it ready.
+#[derive(Debug)]
+pub struct ReadyToken(Arc<Readiness>);
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Readiness::default())
+    }
+
+    pub fn token(self: &Arc<Self>) -> ReadyToken {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        ReadyToken(self.clone())
+    }
+
+    /// Shutdown has begun: not ready from now on, whatever the tokens say.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0 && !self.draining.load(Ordering::SeqCst)
+    }
+}
+
+impl ReadyToken {
+    pub fn ready(self) {}
+}
+
+impl Drop for ReadyToken {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_when_every_token_is_back_and_not_draining() {
+        let r = Readiness::new();
+        let a = r.token();
+        let b = r.token();
+        assert!(!r.is_ready());
+        a.ready();
+        assert!(!r.is_ready(), "one token still out");
+        drop(b);
+        assert!(r.is_ready());
+        r.set_draining();
+        assert!(!r.is_ready());
+    }
+}

@@ -1,0 +1,7 @@
+//! Small shared pieces with no dependencies on the rest of meshd: durations as the config writes them, and one
+//! jittered exponential [`Backoff`](backoff::Backoff).
+
+pub mod backoff;
+pub mod duration;
+
+pub use backoff::Backoff;
