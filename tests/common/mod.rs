@@ -65,7 +65,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
     pub requests: Arc<AtomicUsize>,
+    /// Connections accepted so far.
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
     /// Most requests ever in flight at once.
     pub max_in_flight: Arc<AtomicUsize>,
     /// Misbehaviour the test can switch on and off while the backend runs.
@@ -74,7 +77,7 @@ pub struct Backend {
 }
 
 /// How a backend misbehaves (all off by default).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendFaults {
     /// Non-zero: every request is answered with this status.
     pub status: std::sync::atomic::AtomicU16,
@@ -82,6 +85,28 @@ pub struct BackendFaults {
     pub fail_every: AtomicUsize,
     /// Delay before every answer, in milliseconds.
     pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Bumped to make every open connection shut down gracefully (HTTP/2: GOAWAY, in-flight streams finish).
+    pub goaway: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for BackendFaults {
+    fn default() -> Self {
+        BackendFaults {
+            status: Default::default(),
+            fail_every: Default::default(),
+            delay_ms: Default::default(),
+            goaway: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// How a backend serves its connections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendOptions {
+    /// HTTP/2 `MAX_CONCURRENT_STREAMS` it announces (hyper's default otherwise).
+    pub h2_max_streams: Option<u32>,
+    /// Closes HTTP/1.1 keep-alive connections idle this long (like Node's 5 s `keepAliveTimeout`).
+    pub h1_idle_close: Option<Duration>,
 }
 
 impl BackendFaults {
@@ -90,6 +115,10 @@ impl BackendFaults {
     }
     pub fn set_delay(&self, ms: u64) {
         self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+    /// Every open connection shuts down gracefully; new ones are still accepted.
+    pub fn goaway(&self) {
+        self.goaway.send_modify(|g| *g += 1);
     }
 }
 
@@ -106,16 +135,26 @@ pub async fn backend(name: &str) -> Backend {
 }
 
 pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
+    backend_with(addr, name, BackendOptions::default()).await
+}
+
+pub async fn backend_with(addr: SocketAddr, name: &str, opts: BackendOptions) -> Backend {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let faults = Arc::new(BackendFaults::default());
     let fl = faults.clone();
     let (tx, mut rx) = oneshot::channel();
-    let (n, r, c) = (name.to_string(), requests.clone(), connections.clone());
+    let (n, r, c, o) = (
+        name.to_string(),
+        requests.clone(),
+        connections.clone(),
+        open.clone(),
+    );
     let (mx, inf) = (max_in_flight.clone(), in_flight.clone());
     tokio::spawn(async move {
         loop {
@@ -123,8 +162,17 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
                 _ = &mut rx => return,
                 a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
             };
-            c.fetch_add(1, Ordering::SeqCst);
-            let (n, r, mx, inf, fl) = (n.clone(), r.clone(), mx.clone(), inf.clone(), fl.clone());
+            let conn_id = c.fetch_add(1, Ordering::SeqCst) + 1;
+            o.fetch_add(1, Ordering::SeqCst);
+            let (n, r, mx, inf, fl, o) = (
+                n.clone(),
+                r.clone(),
+                mx.clone(),
+                inf.clone(),
+                fl.clone(),
+                o.clone(),
+            );
+            let mut goaway = fl.goaway.subscribe();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let seq = r.fetch_add(1, Ordering::SeqCst) + 1;
@@ -151,14 +199,38 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
                             handle(n, req).await
                         };
                         inf.fetch_sub(1, Ordering::SeqCst);
-                        resp
+                        resp.map(|mut r| {
+                            r.headers_mut()
+                                .insert("x-seen-conn", http::HeaderValue::from(conn_id));
+                            r
+                        })
                     }
                 });
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 // Above meshd's own limit, so meshd's limit is what the tests see.
                 builder.http1().max_headers(200);
-                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                if let Some(idle) = opts.h1_idle_close {
+                    // hyper's header timer also runs while a kept-alive connection waits: an idle close.
+                    builder
+                        .http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(idle);
+                }
+                if let Some(n) = opts.h2_max_streams {
+                    builder.http2().max_concurrent_streams(n);
+                }
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let mut conn = std::pin::pin!(conn);
+                goaway.borrow_and_update();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = goaway.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                o.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
@@ -167,6 +239,7 @@ pub async fn backend_on(addr: SocketAddr, name: &str) -> Backend {
         name: name.to_string(),
         requests,
         connections,
+        open,
         max_in_flight,
         faults,
         stop: Some(tx),
@@ -365,8 +438,13 @@ impl Agent {
 
 /// Config text for a test agent: loopback port-0 listeners, plus `extra` TOML appended.
 pub fn agent_config(ip: &str, extra: &str) -> String {
+    agent_config_with(ip, "", extra)
+}
+
+/// As [`agent_config`], with `outbound` keys added to the `[outbound]` table.
+pub fn agent_config_with(ip: &str, outbound: &str, extra: &str) -> String {
     format!(
-        "[node]\nname = \"node-{ip}\"\ndrain_timeout = \"5s\"\n[outbound]\nlisten = [\"{ip}:0\"]\n[inbound]\nlisten = \"{ip}:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"{ip}:0\"\n{extra}"
+        "[node]\nname = \"node-{ip}\"\ndrain_timeout = \"5s\"\n[outbound]\nlisten = [\"{ip}:0\"]\n{outbound}\n[inbound]\nlisten = \"{ip}:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"{ip}:0\"\n{extra}"
     )
 }
 

@@ -104,7 +104,9 @@ pub async fn run(
     } else {
         1
     };
-    let mut payload = payload(&head, ClientBody::new(body), wanted_attempts > 1, &t).await?;
+    // A request that is safe to repeat has its small body held even without retries: a stale connection
+    // may still need a second send.
+    let mut payload = payload(&head, ClientBody::new(body), safe_to_repeat, &t).await?;
     let replayable = matches!(payload, Payload::Replay(_));
     let max_attempts = if replayable { wanted_attempts } else { 1 };
     // A stale connection may be retried under the same rule as any retry, whatever max_attempts says.
@@ -234,7 +236,7 @@ pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
         .insert(MESH_SERVICE, t.service.name_header.clone());
 }
 
-/// Holds the body when it is empty, or when a retry may need it and it is known to be small
+/// Holds the body when it is empty, or when another send may need it and it is known to be small
 /// (Content-Length ≤ [`MAX_REPLAY_BODY`]). Bodies of unknown length are streamed and never retried: waiting
 /// for their end could stall a streaming client. Buffering ends at the request's deadline: a client that
 /// trickles its body is answered 408 instead of holding the request forever.

@@ -36,11 +36,32 @@ struct Conn {
     /// When `in_flight` last fell to zero, in nanoseconds since `epoch`.
     idle_since: AtomicU64,
     epoch: Instant,
+    /// Streams promised to the requests that waited for this connection to open and have not taken theirs
+    /// yet. Until [`CLAIM_WINDOW`] after opening, newcomers leave room for them.
+    claims: AtomicUsize,
 }
+
+/// How long the streams promised to waiters stay reserved (they take them within microseconds; a waiter that
+/// gave up meanwhile must not hold its stream forever).
+const CLAIM_WINDOW: Duration = Duration::from_secs(1);
 
 impl Conn {
     fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) < self.max_streams.load(Ordering::Relaxed).max(1)
+        let claimed = if self.epoch.elapsed() < CLAIM_WINDOW {
+            self.claims.load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        self.in_flight.load(Ordering::Relaxed) + claimed
+            < self.max_streams.load(Ordering::Relaxed).max(1)
+    }
+
+    /// A waiter takes the stream it was promised.
+    fn claim(&self) {
+        let _ = self
+            .claims
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     fn idle_for(&self, now: Instant) -> Option<Duration> {
@@ -131,7 +152,7 @@ impl Shared {
                     .and_then(|v| v.clone());
                 match outcome {
                     Some(Ok(c)) => {
-                        c.in_flight.fetch_add(1, Ordering::Relaxed);
+                        c.claim();
                         c
                     }
                     Some(Err(detail)) => {
@@ -204,9 +225,15 @@ impl Shared {
                 .connect(&up, opts.connect_timeout, expected_streams)
                 .await;
             let mut st = lock(&pool.state);
+            let reserved = st
+                .connecting
+                .iter()
+                .find(|p| p.id == id)
+                .map_or(0, |p| p.reserved);
             st.connecting.retain(|p| p.id != id);
             let outcome = match result {
                 Ok(conn) => {
+                    conn.claims.store(reserved, Ordering::Relaxed);
                     st.conns.push(conn.clone());
                     Ok(conn)
                 }
@@ -267,6 +294,7 @@ impl Shared {
             max_streams,
             idle_since: AtomicU64::new(0),
             epoch,
+            claims: AtomicUsize::new(0),
         }))
     }
 
