@@ -34,7 +34,11 @@ async fn eventually<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) 
 
 /// An address that accepts no connection and refuses none: a listener whose accept queue is full, so the
 /// kernel drops further SYNs and a connect hangs (a black-holed host, on loopback).
-async fn black_hole() -> (SocketAddr, Vec<std::net::TcpStream>, tokio::net::TcpListener) {
+async fn black_hole() -> (
+    SocketAddr,
+    Vec<std::net::TcpStream>,
+    tokio::net::TcpListener,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(0).unwrap();
@@ -114,7 +118,10 @@ async fn goaway_drains_a_connection_and_new_requests_use_a_new_one() {
     for _ in 0..5 {
         let url = agent.url("/slow?ms=800");
         slow.push(tokio::spawn(async move {
-            let req = Request::get(url).header("host", "g2").body(full("")).unwrap();
+            let req = Request::get(url)
+                .header("host", "g2")
+                .body(full(""))
+                .unwrap();
             read(h1_client().request(req).await.unwrap()).await
         }));
     }
@@ -132,7 +139,11 @@ async fn goaway_drains_a_connection_and_new_requests_use_a_new_one() {
     }
     for t in slow {
         let got = t.await.unwrap();
-        assert_eq!(got.status, StatusCode::OK, "in-flight streams finish after GOAWAY");
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "in-flight streams finish after GOAWAY"
+        );
         assert_eq!(got.header("x-seen-conn"), conn_before);
     }
     assert_eq!(b.connections.load(Ordering::SeqCst), 2);
@@ -148,7 +159,10 @@ async fn idle_http1_connections_are_reused_last_in_first_out_and_closed_when_idl
     for ms in [300, 200, 100] {
         let url = agent.url(&format!("/slow?ms={ms}"));
         burst.push(tokio::spawn(async move {
-            let req = Request::get(url).header("host", "lifo").body(full("")).unwrap();
+            let req = Request::get(url)
+                .header("host", "lifo")
+                .body(full(""))
+                .unwrap();
             read(h1_client().request(req).await.unwrap()).await
         }));
     }
@@ -196,7 +210,13 @@ async fn connections_close_when_the_endpoint_leaves_the_table() {
     .await;
     assert_eq!(get(&agent, "one", "/").await.status, StatusCode::OK);
     assert_eq!(get(&agent, "two", "/").await.status, StatusCode::OK);
-    assert_eq!((h1.open.load(Ordering::SeqCst), h2.open.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(
+        (
+            h1.open.load(Ordering::SeqCst),
+            h2.open.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
     // Discovery withdraws both: their pooled connections close at once, not after an idle timeout.
     agent.routing.update(meshd::routing::Update::SetLocal {
         source: meshd::routing::Source::Static,
@@ -284,21 +304,27 @@ async fn a_backend_closing_idle_connections_after_1s_causes_no_failures() {
         tokio::time::sleep(Duration::from_millis(gap_ms)).await;
     }
     assert!(failures.is_empty(), "{failures:#?}");
-    assert_eq!(endpoint_view(&agent, "node", b.addr).await["breaker"], "closed");
+    assert_eq!(
+        endpoint_view(&agent, "node", b.addr).await["breaker"],
+        "closed"
+    );
     agent.stop().await;
 }
 
 /// A backend that answers the first request on each connection (keep-alive) and closes the connection, without
 /// a byte of response, on the second: what a reused connection looks like when the server closed it just as
 /// the request went out.
-async fn closes_on_second_request() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn closes_on_second_request() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = answered.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
@@ -352,9 +378,20 @@ async fn a_request_on_a_stale_connection_is_sent_again_only_when_safe() {
     assert_eq!(answered.load(Ordering::SeqCst), 2);
     let m = metrics(&agent).await;
     assert_eq!(sample(&m, "meshd_upstream_stale_retries_total"), 1.0, "{m}");
-    assert_eq!(endpoint_view(&agent, "stale", addr).await["breaker"], "closed");
+    assert_eq!(
+        endpoint_view(&agent, "stale", addr).await["breaker"],
+        "closed"
+    );
     // The same for a POST marked retryable, with its buffered body.
-    let got = send(&agent, "POST", "stale", "/3", &[("mesh-retryable", "true")], b"abc".to_vec()).await;
+    let got = send(
+        &agent,
+        "POST",
+        "stale",
+        "/3",
+        &[("mesh-retryable", "true")],
+        b"abc".to_vec(),
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK);
     // A plain POST may have been processed: it is not sent again, and the client hears why. (The pooled
     // connection has answered /3, so /4 is its second request.)
@@ -364,9 +401,16 @@ async fn a_request_on_a_stale_connection_is_sent_again_only_when_safe() {
         (StatusCode::BAD_GATEWAY, "upstream-failed"),
         "{got:?}"
     );
-    assert!(got.body.contains("closed a kept-alive connection"), "{}", got.body);
+    assert!(
+        got.body.contains("closed a kept-alive connection"),
+        "{}",
+        got.body
+    );
     // Still not counted against the endpoint (failures = 1 would have opened the breaker).
-    assert_eq!(endpoint_view(&agent, "stale", addr).await["breaker"], "closed");
+    assert_eq!(
+        endpoint_view(&agent, "stale", addr).await["breaker"],
+        "closed"
+    );
     agent.stop().await;
 }
 
@@ -381,7 +425,9 @@ async fn app_keep_alive_connections_outlive_the_header_timeout_until_the_idle_ti
     let agent = start(meshd::config::Config::from_toml(&cfg).unwrap()).await;
     let mut s = TcpStream::connect(agent.outbound).await.unwrap();
     let ask = async |s: &mut TcpStream| -> String {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: ka\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: ka\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
             .await
@@ -398,6 +444,9 @@ async fn app_keep_alive_connections_outlive_the_header_timeout_until_the_idle_ti
     let r = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await;
     assert!(matches!(r, Ok(Ok(0))), "{r:?}");
     let m = metrics(&agent).await;
-    assert!(!m.contains("meshd_connection_errors_total{direction=\"outbound\""), "{m}");
+    assert!(
+        !m.contains("meshd_connection_errors_total{direction=\"outbound\""),
+        "{m}"
+    );
     agent.stop().await;
 }

@@ -143,9 +143,12 @@ impl Inbound {
         }
         let deadline = Instant::now() + timeout;
         let connect_timeout = config.policy_for(&service).connect_timeout;
-        let upgrade = req.method() == Method::CONNECT
-            && req.extensions().get::<hyper::ext::Protocol>().is_some();
-        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // An extended CONNECT names the app's upgrade protocol in `:protocol`.
+        let upgrade = (req.method() == Method::CONNECT)
+            .then(|| req.extensions().get::<hyper::ext::Protocol>())
+            .flatten()
+            .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
+        let client_side = upgrade.map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let (mut head, body) = req.into_parts();
         strip_hop_by_hop(&mut head.headers);
         head.headers.remove(MESH_ENDPOINT);
@@ -166,6 +169,9 @@ impl Inbound {
                     head.headers.insert(header::HOST, v);
                 }
                 join_cookies(&mut head.headers);
+                // This hop can carry trailers on (HTTP/2): ask for them.
+                head.headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
             }
             Wire::H2 => head.version = Version::HTTP_2,
         }
@@ -187,9 +193,17 @@ impl Inbound {
             ),
         };
 
-        if let Some(client_side) = client_side {
+        if let Some((protocol, client_side)) = client_side {
             return self
-                .upgrade(head, local, client_side, connect_timeout, deadline, &config)
+                .upgrade(
+                    head,
+                    local,
+                    protocol,
+                    client_side,
+                    connect_timeout,
+                    deadline,
+                    &config,
+                )
                 .await
                 .map(|resp| (service.clone(), resp))
                 .map_err(|e| e.map_or_else(timed_out, refused));
@@ -234,18 +248,17 @@ impl Inbound {
     }
 
     /// An app's upgrade, relayed by a peer: HTTP/1.1 upgrade toward the container, 200 back to the peer.
+    #[allow(clippy::too_many_arguments)]
     async fn upgrade(
         &self,
         mut head: http::request::Parts,
         local: &Endpoint,
+        protocol: HeaderValue,
         client_side: hyper::upgrade::OnUpgrade,
         connect_timeout: Duration,
         deadline: Instant,
         config: &Config,
     ) -> Result<Response<ProxyBody>, Option<super::pool::SendError>> {
-        let Some(protocol) = head.headers.get(header::UPGRADE).cloned() else {
-            return Err(None);
-        };
         if local.state.pool.key().wire != Wire::H1 {
             self.tunnels.count("failed");
             return Ok(error_response(

@@ -285,6 +285,17 @@ async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBod
             ("x-seen-te".into(), get("te")),
             ("x-seen-expect".into(), get("expect")),
             ("x-seen-mesh-deadline".into(), get("mesh-deadline")),
+            ("x-seen-grpc-timeout".into(), get("grpc-timeout")),
+            ("x-seen-trailer".into(), get("trailer")),
+            ("x-seen-upgrade".into(), get("upgrade")),
+            (
+                "x-seen-cookie".into(),
+                h.get_all("cookie")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ),
         ]
     };
     let path = req.uri().path().to_string();
@@ -293,11 +304,52 @@ async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBod
         GRPC_UNARY | GRPC_STREAM | GRPC_FAIL | GRPC_SLOW | GRPC_UNAVAILABLE => {
             grpc(name.clone(), req).await
         }
-        "/echo" => Response::new(
-            req.into_body()
-                .map_err(|e| Box::new(e) as BoxError)
-                .boxed_unsync(),
-        ),
+        "/echo" => {
+            // What the request announced as trailers, the echo announces too (HTTP/1.1 needs it to send them).
+            let announced = req.headers().get("trailer").cloned();
+            let mut r = Response::new(
+                req.into_body()
+                    .map_err(|e| Box::new(e) as BoxError)
+                    .boxed_unsync(),
+            );
+            if let Some(t) = announced {
+                r.headers_mut().insert("trailer", t);
+            }
+            r
+        }
+        // Reads the whole body before answering: its length and trailers, or 400 if it broke.
+        "/collect" => match req.into_body().collect().await {
+            Ok(collected) => {
+                let trailers = collected.trailers().cloned().unwrap_or_default();
+                let len = collected.to_bytes().len();
+                let mut text = format!("len={len}");
+                for (k, v) in &trailers {
+                    text.push_str(&format!("; {k}={}", v.to_str().unwrap_or("?")));
+                }
+                Response::new(full(text))
+            }
+            Err(e) => {
+                let mut r = Response::new(full(format!("body error: {e}")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            }
+        },
+        // A body with a trailer, announced in `Trailer`.
+        "/with-trailers" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+            let frames: Vec<Result<hyper::body::Frame<Bytes>, BoxError>> = vec![
+                Ok(hyper::body::Frame::data(Bytes::from_static(b"hello"))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ];
+            let mut r = Response::new(
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+            );
+            r.headers_mut()
+                .insert("trailer", http::HeaderValue::from_static("x-checksum"));
+            r
+        }
+        "/ws" => websocket(name.clone(), req),
         "/slow" => {
             let ms: u64 = query
                 .strip_prefix("ms=")
@@ -327,6 +379,58 @@ async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBod
     resp.headers_mut()
         .insert("keep-alive", http::HeaderValue::from_static("timeout=99"));
     Ok(resp)
+}
+
+/// A WebSocket echo server (tokio-tungstenite): text is echoed upper-cased, `"who"` answers the backend's
+/// name, binary is echoed as is.
+fn websocket(name: String, mut req: Request<Incoming>) -> Response<TestBody> {
+    use tokio_tungstenite::tungstenite::Message;
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let (Some(key), true) = (
+        key,
+        req.headers()
+            .get("upgrade")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket")),
+    ) else {
+        let mut r = Response::new(full("not a websocket handshake"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let reply = match msg {
+                Message::Text(t) if t.as_str() == "who" => Message::text(name.clone()),
+                Message::Text(t) => Message::text(t.to_uppercase()),
+                Message::Binary(b) => Message::binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if futures_util::SinkExt::send(&mut ws, reply).await.is_err() {
+                break;
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut r = Response::new(full(""));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    h.insert("connection", http::HeaderValue::from_static("upgrade"));
+    h.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&accept).unwrap(),
+    );
+    r
 }
 
 async fn grpc(name: String, req: Request<Incoming>) -> Response<TestBody> {

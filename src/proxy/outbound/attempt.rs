@@ -342,6 +342,10 @@ fn for_endpoint(
                 head.headers.insert(header::HOST, v);
             }
             join_cookies(&mut head.headers);
+            // meshd can pass trailers on whatever the client is (an HTTP/1.1 client gets them when it asked
+            // with `TE: trailers`): without this an HTTP/1.1 upstream leaves them out.
+            head.headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         Wire::H2 => {
             head.version = Version::HTTP_2;

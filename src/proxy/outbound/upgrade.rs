@@ -109,8 +109,7 @@ pub async fn proxy(
             MESH_ORIG_PROTO,
             HeaderValue::from_static(proto_name(Version::HTTP_11)),
         );
-        // The peer rebuilds the HTTP/1.1 handshake from these.
-        head.headers.insert(header::UPGRADE, protocol.clone());
+        // The protocol travels as `:protocol`; the app's handshake headers (Sec-WebSocket-*) as they are.
         write_relative_deadline(&mut head.headers, t.deadline);
         let mut req = Request::from_parts(head, body());
         if let Ok(p) = protocol.to_str() {
