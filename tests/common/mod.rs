@@ -69,6 +69,8 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     /// Connections open now.
     pub open: Arc<AtomicUsize>,
+    /// `METHOD /path` of every request received, in order.
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
     /// Most requests ever in flight at once.
     pub max_in_flight: Arc<AtomicUsize>,
     /// Misbehaviour the test can switch on and off while the backend runs.
@@ -144,16 +146,18 @@ pub async fn backend_with(addr: SocketAddr, name: &str, opts: BackendOptions) ->
     let requests = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let faults = Arc::new(BackendFaults::default());
     let fl = faults.clone();
     let (tx, mut rx) = oneshot::channel();
-    let (n, r, c, o) = (
+    let (n, r, c, o, sn) = (
         name.to_string(),
         requests.clone(),
         connections.clone(),
         open.clone(),
+        seen.clone(),
     );
     let (mx, inf) = (max_in_flight.clone(), in_flight.clone());
     tokio::spawn(async move {
@@ -164,17 +168,21 @@ pub async fn backend_with(addr: SocketAddr, name: &str, opts: BackendOptions) ->
             };
             let conn_id = c.fetch_add(1, Ordering::SeqCst) + 1;
             o.fetch_add(1, Ordering::SeqCst);
-            let (n, r, mx, inf, fl, o) = (
+            let (n, r, mx, inf, fl, o, sn) = (
                 n.clone(),
                 r.clone(),
                 mx.clone(),
                 inf.clone(),
                 fl.clone(),
                 o.clone(),
+                sn.clone(),
             );
             let mut goaway = fl.goaway.subscribe();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    sn.lock()
+                        .unwrap()
+                        .push(format!("{} {}", req.method(), req.uri().path()));
                     let seq = r.fetch_add(1, Ordering::SeqCst) + 1;
                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
                     mx.fetch_max(now, Ordering::SeqCst);
@@ -240,6 +248,7 @@ pub async fn backend_with(addr: SocketAddr, name: &str, opts: BackendOptions) ->
         requests,
         connections,
         open,
+        seen,
         max_in_flight,
         faults,
         stop: Some(tx),

@@ -25,7 +25,6 @@ use tokio::sync::watch;
 use super::ProxyBody;
 use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
-use super::framing::Framing;
 use super::headers::MESH_REQUEST_ID;
 use super::pool::Upstreams;
 use super::server::{ConnInfo, Handler};
@@ -108,13 +107,10 @@ impl Outbound {
         req: Request<Incoming>,
         conn: &ConnInfo,
     ) -> Result<Served, Refusal> {
-        if req.version() < Version::HTTP_2 && conn.framing.next() == Framing::Conflicting {
-            return Err(Refusal::new(
-                None,
-                MeshError::BadRequest,
-                "both Transfer-Encoding and Content-Length are set; refusing an ambiguous request",
-            )
-            .closing());
+        if req.version() < Version::HTTP_2
+            && let Some(why) = conn.framing.next().refusal()
+        {
+            return Err(Refusal::new(None, MeshError::BadRequest, why).closing());
         }
         if req.method() == Method::CONNECT {
             return Err(Refusal::new(
