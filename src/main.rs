@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshd::config::{self, Config, EXIT_CONFIG, RawConfig, RawStatic};
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
 
 #[derive(Parser)]
@@ -146,6 +150,12 @@ fn dev_banner(services: &[String]) -> String {
 
 fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCode {
     meshd::telemetry::logging::init(&cfg.log);
+    // Purge freed pages in the background: without it, memory freed after a burst of connections stays with
+    // the process until the allocator happens to run again.
+    #[cfg(feature = "jemalloc")]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start jemalloc's background purging");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

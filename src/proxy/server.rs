@@ -2,8 +2,9 @@
 //! outbound, inbound and admin.
 //!
 //! Limits (per listener, from its [`ListenerLimits`]):
-//! - at most `max_connections` at once: past that the listener stops accepting, and new connections wait in
-//!   the kernel's queue, so one listener can never take the file descriptors another needs;
+//! - at most `max_connections` at once, so one listener can never take the file descriptors another needs: at
+//!   the cap, each new connection evicts the one that has been idle longest (no request in flight), and when
+//!   every connection is busy, new ones wait in the kernel's queue;
 //! - a request head must arrive within `header_timeout` of its first byte (HTTP/1), and a connection that
 //!   stays silent that long after connecting is closed;
 //! - a connection with no request in flight is closed after `idle_timeout` — its own setting, longer than
@@ -72,7 +73,38 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// HTTP/1 framing verdicts, in request order.
     pub framing: Arc<Framings>,
+    id: u64,
     activity: Activity,
+}
+
+/// The open connections of one listener, for eviction at the cap.
+#[derive(Default)]
+struct Live {
+    conns: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnInfo>>>,
+}
+
+impl Live {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnInfo>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the connection idle longest to close; false when every connection has a request in flight.
+    fn evict_idlest(&self) -> bool {
+        let conns = self.lock();
+        let victim = conns
+            .values()
+            .filter(|c| !c.activity.evicted.load(Ordering::Acquire))
+            .filter_map(|c| c.activity.idle_for_ordering().map(|at| (at, c)))
+            .min_by_key(|(at, _)| *at);
+        match victim {
+            Some((_, c)) => {
+                c.activity.evicted.store(true, Ordering::Release);
+                c.activity.changed.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Handles one request; cloned per connection.
@@ -171,16 +203,14 @@ pub async fn serve_with<M, S, B>(
     let builder = Arc::new(builder(opts.versions));
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
+    let live = Arc::new(Live::default());
+    let epoch = Instant::now();
+    let mut next_id = 0u64;
     // Fired when the drain deadline passes: connections still open are dropped.
     let force = CancellationToken::new();
     let local = listener.local_addr().ok();
     let direction = opts.direction.as_str();
     loop {
-        // A slot first: at the cap, connections wait in the kernel's accept queue instead of using descriptors.
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -193,22 +223,46 @@ pub async fn serve_with<M, S, B>(
                 }
             },
         };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                // At the cap: make room by closing the connection idle longest; with every one busy, wait (and
+                // accept nothing more meanwhile: the rest wait in the kernel's queue).
+                if live.evict_idlest() {
+                    metrics.evicted.with_label_values(&[direction]).inc();
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
+        next_id += 1;
         let info = Arc::new(ConnInfo {
             peer,
             framing: Arc::default(),
-            activity: Activity::new(),
+            id: next_id,
+            activity: Activity::new(epoch),
         });
+        live.lock().insert(info.id, info.clone());
         let svc = Tracking {
             inner: make(info.clone()),
             info: info.clone(),
         };
         let open = OpenConn::new(&metrics, opts.direction);
-        let (builder, force, shutdown) = (builder.clone(), force.clone(), shutdown.clone());
+        let (builder, force, shutdown, live) = (
+            builder.clone(),
+            force.clone(),
+            shutdown.clone(),
+            live.clone(),
+        );
         connections.spawn(
             async move {
                 let _slot = slot;
+                let id = info.id;
                 serve_connection(stream, info, svc, &builder, opts, open, shutdown, force).await;
+                live.lock().remove(&id);
             }
             .instrument(tracing::debug_span!("conn", direction, %peer)),
         );
@@ -260,6 +314,7 @@ async fn serve_connection<S, B>(
             Ok(None) => return,
             Err(_) => return open.count_error("header-timeout"),
         },
+        _ = info.activity.wait_evicted() => return,
         _ = shutdown.cancelled() => return,
     };
     let follower = (opts.follow_framing && !h2).then(|| Follower::new(info.framing.clone()));
@@ -312,7 +367,12 @@ async fn drive<C>(
                 open.finish(res);
                 return;
             }
-            _ = info.activity.changed.notified() => {}
+            _ = info.activity.changed.notified() => {
+                if info.activity.evicted.load(Ordering::Acquire) && !draining {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
             _ = timer.as_mut(), if due.is_some() => {
                 match info.activity.deadline(limits) {
                     Some((at, Why::Head)) if Instant::now() >= at => {
@@ -353,9 +413,10 @@ async fn protocol(stream: &TcpStream) -> Option<bool> {
     }
 }
 
-/// What a connection is doing, for the header and idle timeouts.
+/// What a connection is doing, for the header and idle timeouts and for eviction.
 #[derive(Debug)]
 struct Activity {
+    /// The listener's start: times below are nanoseconds since it, comparable across connections.
     start: Instant,
     /// Requests whose response is not finished.
     in_flight: AtomicUsize,
@@ -363,8 +424,10 @@ struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived (ns since `start`, plus one; 0: none yet).
     head_since: AtomicU64,
-    /// Wakes the connection task when a deadline appears (idle begins, a head starts).
+    /// Wakes the connection task when a deadline appears (idle begins, a head starts) or it is evicted.
     changed: Notify,
+    /// Chosen to make room at the listener's connection cap.
+    evicted: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,13 +437,32 @@ enum Why {
 }
 
 impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
+    fn new(start: Instant) -> Self {
+        let a = Activity {
+            start,
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             changed: Notify::new(),
+            evicted: std::sync::atomic::AtomicBool::new(false),
+        };
+        a.idle_since.store(a.now_ns(), Ordering::Release);
+        a
+    }
+
+    /// When it last did anything, for choosing whom to evict; `None` while a request is in flight.
+    fn idle_for_ordering(&self) -> Option<u64> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let idle = self.idle_since.load(Ordering::Acquire);
+        let head = self.head_since.load(Ordering::Acquire);
+        Some(idle.max(head.saturating_sub(1)))
+    }
+
+    async fn wait_evicted(&self) {
+        while !self.evicted.load(Ordering::Acquire) {
+            self.changed.notified().await;
         }
     }
 

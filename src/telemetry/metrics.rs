@@ -127,6 +127,9 @@ pub struct ProxyMetrics {
     pub errors: IntCounterVec,
     /// `meshd_connection_errors_total{direction,reason}`: client connections that ended in a protocol error.
     pub connection_errors: IntCounterVec,
+    /// `meshd_connections_evicted_total{direction}`: idle connections closed to make room at the listener's
+    /// `max_connections`.
+    pub evicted: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -166,6 +169,12 @@ impl ProxyMetrics {
                 "meshd_connection_errors_total",
                 "Client connections closed because of a protocol error or timeout",
                 &["direction", "reason"],
+            ),
+            evicted: counter(
+                reg,
+                "meshd_connections_evicted_total",
+                "Idle client connections closed to make room at the listener's max_connections",
+                &["direction"],
             ),
         }
     }
