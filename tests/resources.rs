@@ -59,10 +59,8 @@ async fn a_flood_of_idle_admin_connections_starves_nothing() {
 
 #[tokio::test]
 async fn silent_admin_connections_are_cut_off_at_the_header_timeout() {
-    let cfg = format!(
-        "[node]\nname = \"n\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\n"
-    );
-    let agent = start(meshd::config::Config::from_toml(&cfg).unwrap()).await;
+    let cfg = "[node]\nname = \"n\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\n";
+    let agent = start(meshd::config::Config::from_toml(cfg).unwrap()).await;
     let mut s = TcpStream::connect(agent.admin).await.unwrap();
     let mut buf = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
