@@ -492,10 +492,16 @@ async fn docker_api_outage_withdraws_nothing_and_resyncs() {
         1.0
     );
 
-    // While the API is cut: one container starts, one is killed. Nothing is withdrawn meanwhile.
+    // While the API is cut: one container starts, one is killed. Nothing is withdrawn meanwhile — checked
+    // after meshd has tried to reach the API twice more since the kill, so it had every chance to.
     let (new, new_addr) = web("new").await;
     docker_ok(&["kill", &gone.id]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reconnects = |m: &str| sample(m, "meshd_discovery_reconnects_total{source=\"docker\"}");
+    let before = reconnects(&metrics(&agent).await);
+    eventually("two more reconnect attempts", || async {
+        reconnects(&metrics(&agent).await) >= before + 2.0
+    })
+    .await;
     assert_eq!(
         local_addrs(&agent.table.borrow(), "stays"),
         set(&[stays_addr])
@@ -539,6 +545,82 @@ async fn docker_api_outage_withdraws_nothing_and_resyncs() {
             "unexpected API path {path}"
         );
     }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_slow_inspect_stalls_nothing_and_keeps_the_last_state() {
+    let scope = Scope::new("inspect").await;
+    let net = scope.network("n").await;
+    let relay = Relay::start().await;
+    let agent = start_agent(&scope, Some(&relay.host())).await;
+    let run = |name: &'static str| {
+        let (scope, net) = (&scope, net.clone());
+        async move {
+            let svc = format!("mesh.service={name}");
+            let c = scope
+                .run(name, &["--network", &net, "-l", ENABLE, "-l", &svc], &[])
+                .await;
+            let addr = addr_on(&c, &net).await;
+            (c, addr)
+        }
+    };
+    let (flaky, flaky_addr) = run("flaky").await;
+    wait_endpoints(&agent.table, "flaky", &set(&[flaky_addr])).await;
+
+    // From now on, inspecting "flaky" fails, and inspecting "slow" hangs for 20 s.
+    relay.rule(&format!("/containers/{}/json", flaky.id), Rule::Fail(500));
+    let svc = "mesh.service=slow".to_string();
+    let slow = scope
+        .create("slow", &["--network", &net, "-l", ENABLE, "-l", &svc], &[])
+        .await;
+    relay.rule(
+        &format!("/containers/{}/json", slow.id),
+        Rule::Delay(Duration::from_secs(20)),
+    );
+    docker_ok(&["start", &slow.id]).await;
+    // A rename makes meshd read "flaky" again: the inspect fails, and it keeps its last state (routable).
+    docker_ok(&["rename", &flaky.name, &format!("{}-renamed", flaky.name)]).await;
+    // A container started after the hung inspect is routable long before the hang ends.
+    let started = std::time::Instant::now();
+    let (_fresh, fresh_addr) = run("fresh").await;
+    wait_endpoints(&agent.table, "fresh", &set(&[fresh_addr])).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the hung inspect of another container held up the event loop"
+    );
+    eventually("the failed inspect is counted", || async {
+        sample(
+            &metrics(&agent).await,
+            "meshd_discovery_inspect_errors_total{source=\"docker\"}",
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        local_addrs(&agent.table.borrow(), "flaky"),
+        set(&[flaky_addr])
+    );
+    wait_routed(&agent, "flaky", "flaky").await;
+
+    // A resync (after the API comes back) keeps "flaky" too, though its inspect still fails.
+    relay.clear_rules();
+    relay.rule(&format!("/containers/{}/json", flaky.id), Rule::Fail(500));
+    relay.cut();
+    eventually("degraded", || async {
+        admin_json(&agent, "/v1/services").await["discovery"]["docker"]["degraded"] == true
+    })
+    .await;
+    relay.restore();
+    eventually("resynced", || async {
+        admin_json(&agent, "/v1/services").await["discovery"]["docker"]["degraded"] == false
+    })
+    .await;
+    assert_eq!(
+        local_addrs(&agent.table.borrow(), "flaky"),
+        set(&[flaky_addr])
+    );
+    relay.clear_rules();
+    let _ = slow;
     agent.stop().await;
 }
 

@@ -521,6 +521,24 @@ async fn sighup_reloads_the_config_file() {
 }
 
 /// Reads the agent's stderr until a line containing `needle`, for at most 10 s.
+/// Whether `GET /ready` at `admin` answers 200 within `limit`.
+fn ready_within(admin: std::net::SocketAddr, limit: Duration) -> bool {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(admin) {
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            if out.starts_with(b"HTTP/1.1 200") {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 fn stderr_line(child: &mut Child, needle: &str) -> Option<String> {
     let stderr = child.stderr.take()?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -564,19 +582,28 @@ fn log_format_json_and_rust_log_override() {
     assert_eq!(v["level"], "INFO");
     assert_eq!(v["fields"]["message"], "listening");
 
-    // Without RUST_LOG, log.level applies: no info lines.
+    // Without RUST_LOG, log.level applies: no info lines. Checked once the agent answers /ready, by which time
+    // it has logged (or not) everything it logs when it starts.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let quiet = write_config(&format!(
+        "[node]\nname = \"quiet\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"{admin}\"\n[log]\nformat = \"json\"\nlevel = \"error\"\n"
+    ));
     let mut child = Command::new(MESHD)
         .args(["run", "--config"])
-        .arg(&cfg.0)
+        .arg(&quiet.0)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    let ready = ready_within(admin, Duration::from_secs(10));
     let _ = child.kill();
     let _ = child.wait();
+    assert!(ready, "the agent never answered /ready");
     let mut out = String::new();
     use std::io::Read;
     let _ = BufReader::new(stderr).read_to_string(&mut out);

@@ -627,9 +627,14 @@ impl ContainerSet {
         note
     }
 
-    /// Replaces everything with a fresh list (a resync): containers not in it are dropped.
-    pub fn replace_all(&mut self, list: Vec<Container>) -> Vec<Note> {
-        let keep: std::collections::HashSet<&str> = list.iter().map(|c| c.id.as_str()).collect();
+    /// Replaces everything with a fresh list (a resync): containers not in it are dropped, except those in
+    /// `unknown` (listed, but not read this time), which keep their last state.
+    pub fn replace_all(&mut self, list: Vec<Container>, unknown: &[String]) -> Vec<Note> {
+        let keep: std::collections::HashSet<&str> = list
+            .iter()
+            .map(|c| c.id.as_str())
+            .chain(unknown.iter().map(String::as_str))
+            .collect();
         self.containers.retain(|id, _| keep.contains(id.as_str()));
         self.stopping.retain(|id, _| keep.contains(id.as_str()));
         list.into_iter().filter_map(|c| self.upsert(c)).collect()
@@ -891,6 +896,7 @@ impl DockerDiscovery {
                 e = self.session(&mut failures) => e,
             };
             self.set_degraded(&err);
+            self.metrics.reconnects.with_label_values(&["docker"]).inc();
             let delay = RECONNECT_BACKOFF.delay(failures, fastrand::f64());
             failures = failures.saturating_add(1);
             tracing::debug!(error = %err, retry_in = ?delay, "docker API attempt failed");
@@ -955,15 +961,36 @@ impl DockerDiscovery {
             tokio::time::Instant::now() + RESYNC_INTERVAL,
             RESYNC_INTERVAL,
         );
+        let mut work = Work::default();
+        // A periodic resync runs beside the event loop; events seen meanwhile are applied at once and again
+        // after the resync's snapshot, which may predate them.
+        let mut resyncing: Option<BoxFuture<Result<Snapshot, DockerError>>> = None;
+        let mut during_resync: Vec<EventMessage> = Vec::new();
         loop {
             tokio::select! {
                 ev = events.next() => match ev {
-                    Some(Ok(ev)) => self.on_event(&docker, ev).await?,
+                    Some(Ok(ev)) => {
+                        if resyncing.is_some() {
+                            during_resync.push(ev.clone());
+                        }
+                        self.on_event(&docker, &mut work, ev);
+                    }
                     Some(Err(e)) => return Err(DockerError::Api { what: "GET /events", source: e }),
                     None => return Err(DockerError::StreamEnded),
                 },
-                _ = resync.tick() => {
-                    self.resync(&docker).await?;
+                Some((id, result)) = work.inspects.next(), if !work.inspects.is_empty() => {
+                    self.inspected(&docker, &mut work, id, result);
+                }
+                _ = resync.tick(), if resyncing.is_none() => {
+                    resyncing = Some(Box::pin(snapshot(docker.clone())));
+                }
+                snap = maybe(resyncing.as_mut()) => {
+                    resyncing = None;
+                    self.apply_snapshot(snap?);
+                    for ev in std::mem::take(&mut during_resync) {
+                        self.apply(&docker, &mut work, ev, true);
+                    }
+                    self.publish();
                     tracing::debug!("periodic docker resync done");
                 }
             }
@@ -990,91 +1017,133 @@ impl DockerDiscovery {
 
     /// Lists and inspects every running container, replaces the container set, and publishes the difference.
     async fn resync(&mut self, docker: &Docker) -> Result<(), DockerError> {
-        let opts = ListContainersOptionsBuilder::default().all(false).build();
-        let list = call("GET /containers/json", docker.list_containers(Some(opts))).await?;
-        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
-        let inspected: Vec<Result<Option<Container>, DockerError>> =
-            futures_util::stream::iter(ids)
-                .map(|id| async move { inspect(docker, &id).await })
-                .buffer_unordered(INSPECT_CONCURRENCY)
-                .collect()
-                .await;
-        let mut containers = Vec::with_capacity(inspected.len());
-        for c in inspected {
-            if let Some(c) = c? {
-                containers.push(c);
-            }
-        }
-        let notes = self.containers.replace_all(containers);
-        self.report(notes);
+        let snap = snapshot(docker.clone()).await?;
+        self.apply_snapshot(snap);
         self.publish();
         Ok(())
     }
 
-    async fn refresh(&mut self, docker: &Docker, id: &str) -> Result<(), DockerError> {
-        match inspect(docker, id).await? {
-            Some(c) => {
-                let note = self.containers.upsert(c);
-                self.report(note);
-            }
-            None => self.containers.remove(id),
+    /// Replaces the container set with a snapshot. A container whose inspect failed keeps its last state.
+    fn apply_snapshot(&mut self, snap: Snapshot) {
+        for (id, err) in &snap.failed {
+            self.inspect_failed(id, err);
         }
-        Ok(())
+        let keep: Vec<String> = snap.failed.into_iter().map(|(id, _)| id).collect();
+        let notes = self.containers.replace_all(snap.containers, &keep);
+        self.report(notes);
     }
 
-    async fn on_event(&mut self, docker: &Docker, ev: EventMessage) -> Result<(), DockerError> {
+    /// An inspect failed: the container keeps the state last seen (it is running, or was), and the failure is
+    /// counted and logged.
+    fn inspect_failed(&self, id: &str, err: &DockerError) {
+        self.metrics
+            .inspect_errors
+            .with_label_values(&["docker"])
+            .inc();
+        tracing::warn!(container = %short(id), error = %err,
+            "docker inspect failed; keeping the container's last known state");
+    }
+
+    /// One event from the daemon.
+    fn on_event(&mut self, docker: &Docker, work: &mut Work, ev: EventMessage) {
         if let Some(t) = ev.time_nano {
             self.last_event = Some(self.last_event.map_or(t, |l| l.max(t)));
         }
-        let action = ev.action.unwrap_or_default();
-        let actor = ev.actor.unwrap_or_default();
-        let attrs = actor.attributes.unwrap_or_default();
         self.metrics
             .events
-            .with_label_values(&["docker", action_label(&action)])
+            .with_label_values(&["docker", action_label(ev.action.as_deref().unwrap_or(""))])
             .inc();
+        self.apply(docker, work, ev, true);
+        self.publish();
+    }
+
+    /// Applies an event to the container set. Events for a container being inspected wait behind the inspect,
+    /// so they apply in order; an event about a container not seen before starts an inspect (when
+    /// `may_inspect`), which never blocks events for other containers.
+    fn apply(&mut self, docker: &Docker, work: &mut Work, ev: EventMessage, may_inspect: bool) {
+        let action = ev.action.clone().unwrap_or_default();
+        let actor = ev.actor.clone().unwrap_or_default();
+        let attrs = actor.attributes.unwrap_or_default();
         // Network events name the container in an attribute; container events in the actor id.
         let id = match action.as_str() {
             "connect" | "disconnect" => attrs.get("container").cloned(),
             _ => actor.id,
         };
-        let Some(id) = id else { return Ok(()) };
+        let Some(id) = id else { return };
+        if let Some(waiting) = work.queued.get_mut(&id) {
+            waiting.push(ev);
+            return;
+        }
         tracing::debug!(%action, container = %short(&id), "docker event");
         let (base, detail) = match action.split_once(':') {
             Some((b, d)) => (b, Some(d.trim())),
             None => (action.as_str(), None),
         };
-        match base {
+        let needs_inspect = match base {
             "kill" => {
                 let signal = attrs.get("signal").map(String::as_str);
-                if !self.containers.on_kill(&id, signal) {
-                    // Not seen before (its start was missed): read it, then apply the kill to it.
-                    self.refresh(docker, &id).await?;
-                    self.containers.on_kill(&id, signal);
-                }
+                // Not seen before (its start was missed): read it, then apply the kill to it.
+                !self.containers.on_kill(&id, signal)
             }
-            "die" | "stop" => self.containers.on_exit(&id),
-            "destroy" => self.containers.remove(&id),
-            "pause" => {
-                if !self.containers.on_pause(&id) {
-                    self.refresh(docker, &id).await?;
-                }
+            "die" | "stop" => {
+                self.containers.on_exit(&id);
+                false
             }
-            "health_status" => match detail.and_then(Health::parse) {
-                Some(h) if self.containers.on_health(&id, h) => {}
-                _ => self.refresh(docker, &id).await?,
-            },
+            "destroy" => {
+                self.containers.remove(&id);
+                false
+            }
+            "pause" => !self.containers.on_pause(&id),
+            "health_status" => {
+                !matches!(detail.and_then(Health::parse), Some(h) if self.containers.on_health(&id, h))
+            }
+            // A network event for a container that is not running (or not ours) needs no inspect.
+            "connect" | "disconnect" if !self.containers.contains(&id) => false,
             // start, restart, unpause, rename, connect, disconnect: read the container afresh.
-            _ => {
-                // A network event for a container that is not running (or not ours) needs no inspect.
-                if matches!(base, "connect" | "disconnect") && !self.containers.contains(&id) {
-                    return Ok(());
-                }
-                self.refresh(docker, &id).await?;
+            _ => true,
+        };
+        if !(needs_inspect && may_inspect) {
+            return;
+        }
+        // A kill is applied again once the container is known; the others are what the inspect shows.
+        let replay = (base == "kill").then_some(ev);
+        work.queued.insert(id.clone(), replay.into_iter().collect());
+        let docker = docker.clone();
+        work.inspects.push(Box::pin(async move {
+            let result = inspect(&docker, &id).await;
+            (id, result)
+        }));
+    }
+
+    /// An inspect started by an event finished: apply it, then the events that waited for it.
+    fn inspected(
+        &mut self,
+        docker: &Docker,
+        work: &mut Work,
+        id: String,
+        result: Result<Option<Container>, DockerError>,
+    ) {
+        let waiting = work.queued.remove(&id).unwrap_or_default();
+        let ok = match result {
+            Ok(Some(c)) => {
+                let note = self.containers.upsert(c);
+                self.report(note);
+                true
             }
+            Ok(None) => {
+                self.containers.remove(&id);
+                true
+            }
+            Err(e) => {
+                self.inspect_failed(&id, &e);
+                false
+            }
+        };
+        for ev in waiting {
+            // After a failed inspect, what waited applies to the last known state, without inspecting again.
+            self.apply(docker, work, ev, ok);
         }
         self.publish();
-        Ok(())
     }
 
     fn report(&self, notes: impl IntoIterator<Item = Note>) {
@@ -1161,6 +1230,63 @@ impl DockerDiscovery {
                 "docker discovery degraded: keeping the endpoints last seen and reconnecting"
             );
         }
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Inspects started by events, and the events waiting for them.
+#[derive(Default)]
+struct Work {
+    inspects: futures_util::stream::FuturesUnordered<
+        BoxFuture<(String, Result<Option<Container>, DockerError>)>,
+    >,
+    /// Container id → events that arrived while its inspect was under way.
+    queued: HashMap<String, Vec<EventMessage>>,
+}
+
+/// Every running container, as a resync lists and inspects them.
+struct Snapshot {
+    containers: Vec<Container>,
+    /// Listed, but their inspect failed.
+    failed: Vec<(String, DockerError)>,
+}
+
+/// Lists and inspects every running container. Only a failed list fails the whole snapshot: an inspect that
+/// fails is reported for that one container, and the others are still read.
+async fn snapshot(docker: Docker) -> Result<Snapshot, DockerError> {
+    let opts = ListContainersOptionsBuilder::default().all(false).build();
+    let list = call("GET /containers/json", docker.list_containers(Some(opts))).await?;
+    let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+    let docker = &docker;
+    let inspected: Vec<(String, Result<Option<Container>, DockerError>)> =
+        futures_util::stream::iter(ids)
+            .map(|id| async move {
+                let r = inspect(docker, &id).await;
+                (id, r)
+            })
+            .buffer_unordered(INSPECT_CONCURRENCY)
+            .collect()
+            .await;
+    let mut snap = Snapshot {
+        containers: Vec::with_capacity(inspected.len()),
+        failed: Vec::new(),
+    };
+    for (id, r) in inspected {
+        match r {
+            Ok(Some(c)) => snap.containers.push(c),
+            Ok(None) => {}
+            Err(e) => snap.failed.push((id, e)),
+        }
+    }
+    Ok(snap)
+}
+
+/// `f`'s output, or never when there is no `f`.
+async fn maybe<F: Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1613,10 +1739,13 @@ mod tests {
         // kill (TERM) withdraws while the container still runs, and a resync of the same run keeps it out.
         assert!(t.on_kill("a", Some("15")));
         assert_eq!(t.endpoints().len(), 1);
-        t.replace_all(vec![
-            tracked("a", "172.20.0.2", &[en]),
-            tracked("b", "172.20.0.3", &[en]),
-        ]);
+        t.replace_all(
+            vec![
+                tracked("a", "172.20.0.2", &[en]),
+                tracked("b", "172.20.0.3", &[en]),
+            ],
+            &[],
+        );
         assert_eq!(t.endpoints().len(), 1);
         // A new run of it is routable again.
         let mut again = tracked("a", "172.20.0.2", &[en]);
@@ -1657,16 +1786,22 @@ mod tests {
         let en = ("mesh.enable", "true");
         let mut t = ContainerSet::new(rules());
         let bad = tracked("bad", "172.20.0.9", &[en, ("mesh.port", "http")]);
-        let notes = t.replace_all(vec![tracked("a", "172.20.0.2", &[en]), bad.clone()]);
+        let notes = t.replace_all(vec![tracked("a", "172.20.0.2", &[en]), bad.clone()], &[]);
         assert!(
             matches!(&notes[..], [Note::Skipped { skip, .. }] if skip.reason == SkipReason::BadPort)
         );
         assert_eq!(t.endpoints().len(), 1);
         // The same containers again: no new notes (nothing counted twice).
-        let notes = t.replace_all(vec![tracked("a", "172.20.0.2", &[en]), bad]);
+        let notes = t.replace_all(vec![tracked("a", "172.20.0.2", &[en]), bad], &[]);
         assert!(notes.is_empty());
         // "a" went away and "c" appeared while we were not looking.
-        t.replace_all(vec![tracked("c", "172.20.0.4", &[en])]);
+        t.replace_all(vec![tracked("c", "172.20.0.4", &[en])], &[]);
+        // A container listed but not read (its inspect failed) keeps its last state.
+        t.upsert(tracked("d", "172.20.0.5", &[en]));
+        t.replace_all(vec![tracked("c", "172.20.0.4", &[en])], &["d".to_string()]);
+        assert!(t.contains("d"));
+        t.replace_all(vec![tracked("c", "172.20.0.4", &[en])], &[]);
+        assert!(!t.contains("d"));
         let eps = t.endpoints();
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].addr, "172.20.0.4:8080".parse().unwrap());

@@ -295,6 +295,11 @@ pub struct DiscoveryMetrics {
     pub skipped: IntCounterVec,
     /// `meshd_discovery_degraded{source}`: 1 while the source is unreachable and its last endpoints are kept.
     pub degraded: IntGaugeVec,
+    /// `meshd_discovery_inspect_errors_total{source}`: containers that could not be read (their last state is
+    /// kept).
+    pub inspect_errors: IntCounterVec,
+    /// `meshd_discovery_reconnects_total{source}`: times the source was lost and is being reconnected.
+    pub reconnects: IntCounterVec,
 }
 
 impl DiscoveryMetrics {
@@ -322,6 +327,18 @@ impl DiscoveryMetrics {
                 reg,
                 "meshd_discovery_degraded",
                 "1 while a discovery source is unreachable (its last endpoints are kept), else 0",
+                &["source"],
+            ),
+            inspect_errors: counter(
+                reg,
+                "meshd_discovery_inspect_errors_total",
+                "Containers that could not be inspected; their last known state is kept",
+                &["source"],
+            ),
+            reconnects: counter(
+                reg,
+                "meshd_discovery_reconnects_total",
+                "Attempts to reach a discovery source again after it failed",
                 &["source"],
             ),
         }

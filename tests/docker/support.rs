@@ -456,7 +456,19 @@ pub struct Relay {
     generation: Mutex<CancellationToken>,
     /// `(method, path)` of every request seen.
     requests: Arc<Mutex<Vec<(String, String)>>>,
+    rules: Rules,
 }
+
+/// What the relay does with a request whose path contains a given string, instead of forwarding it at once.
+#[derive(Clone, Copy, Debug)]
+pub enum Rule {
+    /// Answer it with this status, never forwarding it.
+    Fail(u16),
+    /// Forward it after this long.
+    Delay(Duration),
+}
+
+type Rules = Arc<Mutex<Vec<(String, Rule)>>>;
 
 impl Relay {
     pub async fn start() -> Relay {
@@ -472,9 +484,19 @@ impl Relay {
             path,
             generation: Mutex::new(CancellationToken::new()),
             requests: Arc::new(Mutex::new(Vec::new())),
+            rules: Arc::default(),
         };
         relay.listen();
         relay
+    }
+
+    /// From now on, requests whose path contains `path` get `rule`.
+    pub fn rule(&self, path: &str, rule: Rule) {
+        self.rules.lock().unwrap().push((path.to_string(), rule));
+    }
+
+    pub fn clear_rules(&self) {
+        self.rules.lock().unwrap().clear();
     }
 
     /// The relay in `DOCKER_HOST` form.
@@ -487,20 +509,21 @@ impl Relay {
         let listener = UnixListener::bind(&self.path).unwrap();
         let token = self.generation.lock().unwrap().clone();
         let requests = self.requests.clone();
+        let rules = self.rules.clone();
         tokio::spawn(async move {
             loop {
                 let client = tokio::select! {
                     _ = token.cancelled() => return,
                     a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
                 };
-                let (token, requests) = (token.clone(), requests.clone());
+                let (token, requests, rules) = (token.clone(), requests.clone(), rules.clone());
                 tokio::spawn(async move {
                     let Ok(daemon) = UnixStream::connect(DOCKER_SOCKET).await else {
                         return;
                     };
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = pipe(client, daemon, requests) => {}
+                        _ = pipe(client, daemon, requests, rules) => {}
                     }
                 });
             }
@@ -534,10 +557,18 @@ impl Drop for Relay {
     }
 }
 
-/// Copies bytes both ways, recording each request line read from the client.
-async fn pipe(client: UnixStream, daemon: UnixStream, seen: Arc<Mutex<Vec<(String, String)>>>) {
-    let (mut cr, mut cw) = client.into_split();
+/// Copies bytes both ways, recording each request read from the client and applying the rules to it. Requests
+/// are handled whole (head and Content-Length body), one at a time, as HTTP/1.1 clients send them.
+async fn pipe(
+    client: UnixStream,
+    daemon: UnixStream,
+    seen: Arc<Mutex<Vec<(String, String)>>>,
+    rules: Rules,
+) {
+    let (mut cr, cw) = client.into_split();
     let (mut dr, mut dw) = daemon.into_split();
+    let cw = Arc::new(tokio::sync::Mutex::new(cw));
+    let down_writer = cw.clone();
     let up = async move {
         let mut buf = vec![0u8; 16 * 1024];
         let mut pending: Vec<u8> = Vec::new();
@@ -547,40 +578,70 @@ async fn pipe(client: UnixStream, daemon: UnixStream, seen: Arc<Mutex<Vec<(Strin
                 Ok(n) => n,
             };
             pending.extend_from_slice(&buf[..n]);
-            record_requests(&mut pending, &seen);
-            if dw.write_all(&buf[..n]).await.is_err() {
-                return;
+            while let Some((method, path, len)) = next_request(&pending) {
+                seen.lock().unwrap().push((method, path.clone()));
+                let request: Vec<u8> = pending.drain(..len).collect();
+                let rule = rules
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(p, _)| path.contains(p.as_str()))
+                    .map(|(_, r)| *r);
+                match rule {
+                    Some(Rule::Fail(status)) => {
+                        let body = format!("{{\"message\":\"relay: failing {path}\"}}");
+                        let resp = format!(
+                            "HTTP/1.1 {status} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if cw.lock().await.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Rule::Delay(d)) => tokio::time::sleep(d).await,
+                    None => {}
+                }
+                if dw.write_all(&request).await.is_err() {
+                    return;
+                }
             }
         }
     };
     let down = async move {
-        let _ = tokio::io::copy(&mut dr, &mut cw).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match dr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if down_writer.lock().await.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
     };
     tokio::join!(up, down);
 }
 
-/// Takes every complete request head off the front of `pending` (bodies by Content-Length).
-fn record_requests(pending: &mut Vec<u8>, seen: &Mutex<Vec<(String, String)>>) {
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(head)) = req.parse(pending) else {
-            return;
-        };
-        let body: usize = req
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
-            .unwrap_or(0);
-        seen.lock().unwrap().push((
-            req.method.unwrap_or("?").to_string(),
-            req.path.unwrap_or("?").to_string(),
-        ));
-        if pending.len() < head + body {
-            pending.clear();
-            return;
-        }
-        pending.drain(..head + body);
+/// The first complete request in `pending`: method, path, and its length (head + Content-Length body).
+fn next_request(pending: &[u8]) -> Option<(String, String, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = req.parse(pending) else {
+        return None;
+    };
+    let body: usize = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+        .unwrap_or(0);
+    if pending.len() < head + body {
+        return None;
     }
+    Some((
+        req.method.unwrap_or("?").to_string(),
+        req.path.unwrap_or("?").to_string(),
+        head + body,
+    ))
 }
