@@ -1234,13 +1234,13 @@ impl DockerDiscovery {
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+/// An inspect under way: the container's id and what the daemon said.
+type Inspecting = BoxFuture<(String, Result<Option<Container>, DockerError>)>;
 
 /// Inspects started by events, and the events waiting for them.
 #[derive(Default)]
 struct Work {
-    inspects: futures_util::stream::FuturesUnordered<
-        BoxFuture<(String, Result<Option<Container>, DockerError>)>,
-    >,
+    inspects: futures_util::stream::FuturesUnordered<Inspecting>,
     /// Container id → events that arrived while its inspect was under way.
     queued: HashMap<String, Vec<EventMessage>>,
 }
