@@ -190,7 +190,12 @@ async fn backends_that_start_after_meshd_serve_everything_once_up() {
                 .unwrap();
             let sent = started.elapsed();
             let got = read(client.request(req).await.unwrap()).await;
-            seen.push((sent, got.status, got.header("mesh-error").to_string()));
+            seen.push((
+                sent,
+                started.elapsed(),
+                got.status,
+                got.header("mesh-error").to_string(),
+            ));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         seen
@@ -203,8 +208,12 @@ async fn backends_that_start_after_meshd_serve_everything_once_up() {
     ];
     let up = started.elapsed();
     let seen = traffic.await.unwrap();
-    let before: Vec<_> = seen.iter().filter(|(t, _, _)| *t < binding).collect();
-    let after: Vec<_> = seen.iter().filter(|(t, _, _)| *t >= up).collect();
+    // Answered before the first backend listened / sent once both listened.
+    let before: Vec<_> = seen
+        .iter()
+        .filter(|(_, done, _, _)| *done < binding)
+        .collect();
+    let after: Vec<_> = seen.iter().filter(|(sent, _, _, _)| *sent >= up).collect();
     assert!(
         !before.is_empty() && after.len() > 50,
         "{} before, {} after",
@@ -215,14 +224,14 @@ async fn backends_that_start_after_meshd_serve_everything_once_up() {
     assert!(
         before
             .iter()
-            .all(|(_, s, e)| *s == StatusCode::BAD_GATEWAY && e == "connect-failed"),
+            .all(|(_, _, s, e)| *s == StatusCode::BAD_GATEWAY && e == "connect-failed"),
         "{before:?}"
     );
     // Once both listen, every request is served: the breakers that opened during start-up eject at most half
     // of the endpoints (max_ejection_percent = 50), so one endpoint always stays in rotation.
     let failed: Vec<_> = after
         .iter()
-        .filter(|(_, s, _)| *s != StatusCode::OK)
+        .filter(|(_, _, s, _)| *s != StatusCode::OK)
         .collect();
     assert!(
         failed.is_empty(),

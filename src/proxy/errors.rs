@@ -35,8 +35,6 @@ pub enum MeshError {
     RateLimited,
     /// A configured (or requested) fault, answered with this status.
     FaultInjected(StatusCode),
-    /// Every endpoint's circuit breaker is open.
-    BreakerOpen,
 }
 
 impl MeshError {
@@ -51,7 +49,6 @@ impl MeshError {
             MeshError::Forbidden => "forbidden",
             MeshError::RateLimited => "rate-limited",
             MeshError::FaultInjected(_) => "fault-injected",
-            MeshError::BreakerOpen => "breaker-open",
         }
     }
 
@@ -66,7 +63,6 @@ impl MeshError {
             MeshError::Forbidden => StatusCode::FORBIDDEN,
             MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshError::FaultInjected(s) => s,
-            MeshError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -91,7 +87,6 @@ impl MeshError {
             MeshError::Timeout | MeshError::RequestTimeout => 4, // DEADLINE_EXCEEDED
             MeshError::Forbidden => 7,                           // PERMISSION_DENIED
             MeshError::RateLimited => 8,                         // RESOURCE_EXHAUSTED
-            MeshError::BreakerOpen => 14,
             MeshError::FaultInjected(s) => grpc_for_http(s),
         }
     }
