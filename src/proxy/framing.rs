@@ -23,8 +23,6 @@ use std::sync::{Arc, Mutex};
 const MAX_HEAD: usize = 64 * 1024 + 1024;
 /// hyper's limit is lower; parsing more lets the follower stay in step with a head hyper will reject anyway.
 const MAX_HEADERS: usize = 128;
-/// Hex digits of a chunk size that fit in 64 bits.
-const MAX_CHUNK_DIGITS: u8 = 16;
 /// The longest trailer line followed (hyper's whole head limit).
 const MAX_TRAILER_LINE: usize = MAX_HEAD;
 
@@ -115,8 +113,9 @@ enum State {
     ChunkData(u64),
     /// The CRLF after a chunk's data: how many of its two bytes are still due.
     ChunkEnd(u8),
-    /// After the last chunk: trailer lines until an empty one. Holds the length of the current line.
-    Trailers(usize),
+    /// After the last chunk: trailer lines until an empty one, each ended by CRLF exactly as hyper reads
+    /// them. Holds the length of the current line and whether a CR was just seen.
+    Trailers(usize, bool),
     /// Lost track (fails closed).
     Lost,
 }
@@ -152,42 +151,38 @@ impl Follower {
             match &mut self.state {
                 State::Lost => return,
                 State::Head(buf) => {
-                    // The usual case: a whole head in one read, followed in place without copying.
-                    let (head, used) = if buf.is_empty() {
-                        if !may_end_head(data) {
-                            buf.extend_from_slice(data);
-                            return self.check_head_size();
-                        }
-                        match head_len(data) {
-                            HeadLen::Complete(n) => (&data[..n], n),
-                            HeadLen::Partial => {
+                    if buf.is_empty() {
+                        // The usual case: a whole head in one read, followed in place without copying.
+                        match parse_head(data) {
+                            Parsed::Complete(n, verdict) => {
+                                self.state = self.on_head(verdict);
+                                data = &data[n..];
+                            }
+                            Parsed::Partial => {
                                 buf.extend_from_slice(data);
                                 return self.check_head_size();
                             }
-                            HeadLen::Invalid => return self.lose(),
+                            Parsed::Invalid => return self.lose(),
                         }
-                    } else {
-                        // Parse again only when the new bytes may end the head (a blank line), looking from where
-                        // the last read stopped minus what a line end can span.
-                        let before = buf.len();
-                        buf.extend_from_slice(data);
-                        if !may_end_head(&buf[before.saturating_sub(2)..]) {
-                            return self.check_head_size();
+                        continue;
+                    }
+                    // Parse again only when the new bytes may end the head (a blank line), looking from where the
+                    // last read stopped minus what a line end can span: a head trickled in byte by byte is not
+                    // parsed from the start at every byte.
+                    let before = buf.len();
+                    buf.extend_from_slice(data);
+                    if !may_end_head(&buf[before.saturating_sub(2)..]) {
+                        return self.check_head_size();
+                    }
+                    match parse_head(buf) {
+                        Parsed::Complete(n, verdict) => {
+                            buf.clear();
+                            self.state = self.on_head(verdict);
+                            data = &data[n - before..];
                         }
-                        match head_len(buf) {
-                            HeadLen::Complete(n) => {
-                                let next = std::mem::take(buf);
-                                let used = n - before;
-                                self.state = self.on_head(&next[..n]);
-                                data = &data[used..];
-                                continue;
-                            }
-                            HeadLen::Partial => return self.check_head_size(),
-                            HeadLen::Invalid => return self.lose(),
-                        }
-                    };
-                    self.state = self.on_head(head);
-                    data = &data[used..];
+                        Parsed::Partial => return self.check_head_size(),
+                        Parsed::Invalid => return self.lose(),
+                    }
                 }
                 State::Fixed(left) => {
                     let n = (*left).min(data.len() as u64);
@@ -202,7 +197,7 @@ impl Follower {
                     data = &data[1..];
                     match chunk_line_step(line, b) {
                         Step::More => {}
-                        Step::Done(0) => self.state = State::Trailers(0),
+                        Step::Done(0) => self.state = State::Trailers(0, false),
                         Step::Done(n) => self.state = State::ChunkData(n),
                         Step::Bad => return self.lose(),
                     }
@@ -226,13 +221,16 @@ impl Follower {
                         self.state = State::ChunkSize(ChunkLine::new());
                     }
                 }
-                State::Trailers(line_len) => {
+                State::Trailers(line_len, cr) => {
                     let b = data[0];
                     data = &data[1..];
-                    match b {
-                        b'\n' if *line_len == 0 => self.state = State::Head(Vec::new()),
-                        b'\n' => *line_len = 0,
-                        b'\r' => {}
+                    match (b, *cr) {
+                        (b'\n', true) if *line_len == 0 => self.state = State::Head(Vec::new()),
+                        (b'\n', true) => (*line_len, *cr) = (0, false),
+                        // hyper ends a trailer line only at CRLF: a bare LF or a lone CR would make the two of
+                        // us disagree on where the next request starts.
+                        (b'\n', false) | (_, true) => return self.lose(),
+                        (b'\r', false) => *cr = true,
                         _ => {
                             *line_len += 1;
                             if *line_len > MAX_TRAILER_LINE {
@@ -252,9 +250,8 @@ impl Follower {
         }
     }
 
-    /// Judges a complete head and says what follows it.
-    fn on_head(&self, head: &[u8]) -> State {
-        let verdict = judge(head);
+    /// Records a complete head's verdict and says what follows it.
+    fn on_head(&self, verdict: (Framing, Body)) -> State {
         self.verdicts.push(verdict.0);
         match verdict {
             (Framing::Ok, Body::None) => State::Head(Vec::new()),
@@ -271,26 +268,18 @@ impl Follower {
 
 /// Whether `bytes` hold a line end followed by a blank line (`\n\n` or `\n\r\n`): only then can a head end.
 fn may_end_head(bytes: &[u8]) -> bool {
-    bytes.windows(2).enumerate().any(|(i, w)| {
-        w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && bytes.get(i + 2) == Some(&b'\n')))
+    memchr::memchr_iter(b'\n', bytes).any(|i| match bytes.get(i + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => bytes.get(i + 2) == Some(&b'\n'),
+        _ => false,
     })
 }
 
-enum HeadLen {
-    Complete(usize),
+enum Parsed {
+    /// The head's length, and the verdict on it.
+    Complete(usize, (Framing, Body)),
     Partial,
     Invalid,
-}
-
-/// Where the head at the start of `buf` ends, as httparse (and so hyper) sees it.
-fn head_len(buf: &[u8]) -> HeadLen {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => HeadLen::Complete(n),
-        Ok(httparse::Status::Partial) => HeadLen::Partial,
-        Err(_) => HeadLen::Invalid,
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -300,30 +289,42 @@ enum Body {
     Chunked,
 }
 
+/// Parses the head at the start of `buf` with httparse (the parser hyper uses, so both find the same end) and
+/// judges its framing, in one pass.
+fn parse_head(buf: &[u8]) -> Parsed {
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Invalid,
+    };
+    Parsed::Complete(n, judge(&buf[..n], req.headers))
+}
+
 /// The verdict on a complete request head, and how its body is framed.
-fn judge(head: &[u8]) -> (Framing, Body) {
-    // Every line must end in CRLF: a bare LF is read as a line end by some parsers and not by others.
-    if head
+fn judge(head: &[u8], headers: &[httparse::Header<'_>]) -> (Framing, Body) {
+    // Every line must end in CRLF: a bare LF is read as a line end by some parsers and not by others. Empty
+    // lines before the request line are skipped by everyone (RFC 9112 §2.2) and do not count.
+    let start = head
         .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
-        return (Framing::Ambiguous, Body::None);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(head.len());
+    if memchr::memchr_iter(b'\n', &head[start..]).any(|i| i == 0 || head[start + i - 1] != b'\r') {
         return (Framing::Ambiguous, Body::None);
     }
     let mut lengths = 0;
     let mut length: Option<u64> = None;
-    let mut codings: Vec<&[u8]> = Vec::new();
-    for h in req.headers.iter() {
+    let mut chunked_count = 0;
+    let mut te_fields = 0;
+    let mut last_coding: Option<&[u8]> = None;
+    for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;
             // 1*DIGIT, nothing else (RFC 9110 §8.6): no sign, no list, no spaces inside.
             let v = h.value.trim_ascii();
-            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return (Framing::Ambiguous, Body::None);
             }
             length = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok());
@@ -331,25 +332,30 @@ fn judge(head: &[u8]) -> (Framing, Body) {
                 return (Framing::Ambiguous, Body::None);
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            codings.extend(
-                h.value
-                    .split(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|c| !c.is_empty()),
-            );
+            te_fields += 1;
+            for c in h
+                .value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty())
+            {
+                if c.eq_ignore_ascii_case(b"chunked") {
+                    chunked_count += 1;
+                }
+                last_coding = Some(c);
+            }
         }
     }
     if lengths > 1 {
         return (Framing::Ambiguous, Body::None);
     }
-    if !codings.is_empty() {
+    if te_fields > 0 {
         if length.is_some() {
             return (Framing::Conflicting, Body::None);
         }
-        // chunked exactly once, and last (RFC 9112 §6.1, §6.3).
-        let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
-        let last_is_chunked = codings.last().is_some_and(|c| chunked(c));
-        if !last_is_chunked || codings.iter().filter(|c| chunked(c)).count() != 1 {
+        // chunked exactly once, and last (RFC 9112 §6.1, §6.3); an empty Transfer-Encoding is no better.
+        let last_is_chunked = last_coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        if !last_is_chunked || chunked_count != 1 {
             return (Framing::Ambiguous, Body::None);
         }
         return (Framing::Ok, Body::Chunked);
@@ -399,9 +405,14 @@ fn chunk_line_step(line: &mut ChunkLine, b: u8) -> Step {
             Step::More
         }
         _ => match (b as char).to_digit(16) {
-            Some(d) if line.digits < MAX_CHUNK_DIGITS => {
+            // Leading zeros say nothing about the size.
+            Some(0) if line.size == 0 => {
+                line.digits = line.digits.max(1);
+                Step::More
+            }
+            Some(d) if line.size >> 60 == 0 => {
                 line.size = (line.size << 4) | u64::from(d);
-                line.digits += 1;
+                line.digits = line.digits.saturating_add(1);
                 Step::More
             }
             _ => Step::Bad,
@@ -455,6 +466,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: \r\n\r\n",
             b"GET / HTTP/1.1\nHost: x\n\n",
             b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n",
         ] {
@@ -470,6 +482,41 @@ mod tests {
             run(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"]),
             (vec![Framing::Ok], false)
         );
+    }
+
+    #[test]
+    fn trailers_end_only_at_crlf() {
+        // A bare LF in the trailers: hyper reads on as trailer text, so the follower must not see a head there.
+        let (v, lost) = run(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /x HTTP/1.1\r\n\r\n",
+        ]);
+        assert_eq!((v, lost), (vec![Framing::Ok], true));
+        let (v, lost) =
+            run(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: a\rb\r\n\r\n"]);
+        assert_eq!((v, lost), (vec![Framing::Ok], true));
+        let (v, lost) = run(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n"]);
+        assert_eq!((v, lost), (vec![Framing::Ok, Framing::Ok], false));
+    }
+
+    #[test]
+    fn what_hyper_accepts_is_not_refused() {
+        for head in [
+            // Leading empty lines, CRLF or bare LF.
+            &b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            // A Content-Length with many leading zeros.
+            b"GET / HTTP/1.1\r\nContent-Length: 0000000000000000000000000\r\n\r\n",
+        ] {
+            assert_eq!(
+                run(&[head]),
+                (vec![Framing::Ok], false),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // A chunk size with leading zeros past 16 digits.
+        let (v, lost) = run(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n000000000000000000005\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"]);
+        assert_eq!((v, lost), (vec![Framing::Ok, Framing::Ok], false));
     }
 
     #[test]
