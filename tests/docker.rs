@@ -625,6 +625,51 @@ async fn a_failing_or_slow_inspect_stalls_nothing_and_keeps_the_last_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_a_container_that_is_gone_end_after_one_inspect() {
+    let scope = Scope::new("gone").await;
+    let net = scope.network("n").await;
+    let relay = Relay::start().await;
+    let agent = start_agent(&scope, Some(&relay.host())).await;
+    let seen_before = agent.table.borrow().services.len();
+    // While meshd cannot see the API, a container starts, is killed and removed: on reconnect meshd replays
+    // its events (start, kill, die, destroy) for a container that no longer exists.
+    relay.cut();
+    eventually("degraded", || async {
+        admin_json(&agent, "/v1/services").await["discovery"]["docker"]["degraded"] == true
+    })
+    .await;
+    let c = scope
+        .run(
+            "ghost",
+            &["--network", &net, "-l", ENABLE, "-l", "mesh.service=ghost"],
+            &[],
+        )
+        .await;
+    docker_ok(&["kill", &c.id]).await;
+    docker_ok(&["rm", "-f", &c.id]).await;
+    scope.forget(&c);
+    relay.restore();
+    eventually("resynced", || async {
+        admin_json(&agent, "/v1/services").await["discovery"]["docker"]["degraded"] == false
+    })
+    .await;
+    // Give a loop time to show itself, then count meshd's reads of the gone container.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let inspects = relay
+        .requests()
+        .iter()
+        .filter(|(_, path)| path.contains(&format!("/containers/{}/json", c.id)))
+        .count();
+    assert!(
+        inspects <= 3,
+        "{inspects} inspects of a container that is gone"
+    );
+    assert!(local_addrs(&agent.table.borrow(), "ghost").is_empty());
+    assert_eq!(agent.table.borrow().services.len(), seen_before);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_of_50_containers_matches_docker_ps() {
     let scope = Scope::new("churn").await;
     // Docker's default bridge, not a network of the test's own: concurrent starts and removals on a

@@ -58,7 +58,7 @@ pub const RECONNECT_BACKOFF: Backoff = Backoff {
 };
 /// Bound on any single Docker API call (connect, version, list, inspect).
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
-/// Inspects run at most this many at a time during a resync.
+/// Inspects run at most this many at a time, in a resync and for events.
 const INSPECT_CONCURRENCY: usize = 8;
 /// On (re)connect the event stream starts this long before the resync began, so nothing that happens between
 /// the list and the subscription is lost (replayed events are harmless: handling is idempotent).
@@ -1057,62 +1057,87 @@ impl DockerDiscovery {
         self.publish();
     }
 
-    /// Applies an event to the container set. Events for a container being inspected wait behind the inspect,
-    /// so they apply in order; an event about a container not seen before starts an inspect (when
-    /// `may_inspect`), which never blocks events for other containers.
+    /// Applies an event to the container set. An event about a container not seen before starts an inspect (when
+    /// `may_inspect`), which never blocks events for other containers. Events for a container being inspected
+    /// wait behind the inspect so that they apply in order — except that a withdrawal (kill, stop, die, pause,
+    /// unhealthy) also takes effect at once: it only ever takes traffic away.
     fn apply(&mut self, docker: &Docker, work: &mut Work, ev: EventMessage, may_inspect: bool) {
         let action = ev.action.clone().unwrap_or_default();
-        let actor = ev.actor.clone().unwrap_or_default();
-        let attrs = actor.attributes.unwrap_or_default();
+        let attrs = ev
+            .actor
+            .as_ref()
+            .and_then(|a| a.attributes.clone())
+            .unwrap_or_default();
         // Network events name the container in an attribute; container events in the actor id.
         let id = match action.as_str() {
             "connect" | "disconnect" => attrs.get("container").cloned(),
-            _ => actor.id,
+            _ => ev.actor.as_ref().and_then(|a| a.id.clone()),
         };
         let Some(id) = id else { return };
-        if let Some(waiting) = work.queued.get_mut(&id) {
-            waiting.push(ev);
-            return;
-        }
-        tracing::debug!(%action, container = %short(&id), "docker event");
         let (base, detail) = match action.split_once(':') {
             Some((b, d)) => (b, Some(d.trim())),
             None => (action.as_str(), None),
         };
-        let needs_inspect = match base {
-            "kill" => {
-                let signal = attrs.get("signal").map(String::as_str);
-                // Not seen before (its start was missed): read it, then apply the kill to it.
-                !self.containers.on_kill(&id, signal)
+        if let Some(waiting) = work.queued.get_mut(&id) {
+            let health = detail.and_then(Health::parse);
+            let withdrawal = matches!(base, "kill" | "die" | "stop" | "destroy" | "pause")
+                || (base == "health_status"
+                    && !matches!(health, Some(Health::Healthy | Health::None)));
+            waiting.later.push(ev);
+            if withdrawal {
+                self.on_known(&id, base, detail, &attrs);
             }
-            "die" | "stop" => {
-                self.containers.on_exit(&id);
-                false
-            }
-            "destroy" => {
-                self.containers.remove(&id);
-                false
-            }
-            "pause" => !self.containers.on_pause(&id),
-            "health_status" => {
-                !matches!(detail.and_then(Health::parse), Some(h) if self.containers.on_health(&id, h))
-            }
-            // A network event for a container that is not running (or not ours) needs no inspect.
-            "connect" | "disconnect" if !self.containers.contains(&id) => false,
-            // start, restart, unpause, rename, connect, disconnect: read the container afresh.
-            _ => true,
-        };
+            return;
+        }
+        tracing::debug!(%action, container = %short(&id), "docker event");
+        let needs_inspect = self.on_known(&id, base, detail, &attrs);
         if !(needs_inspect && may_inspect) {
             return;
         }
         // A kill is applied again once the container is known; the others are what the inspect shows.
-        let replay = (base == "kill").then_some(ev);
-        work.queued.insert(id.clone(), replay.into_iter().collect());
-        let docker = docker.clone();
-        work.inspects.push(Box::pin(async move {
-            let result = inspect(&docker, &id).await;
-            (id, result)
-        }));
+        let trigger = (base == "kill").then_some(ev);
+        work.queued.insert(
+            id.clone(),
+            Waiting {
+                trigger,
+                later: Vec::new(),
+            },
+        );
+        work.inspect(docker, id);
+    }
+
+    /// Applies an event to a container the set knows; returns whether the container must be read (unknown, or an
+    /// event that changes what only an inspect shows).
+    fn on_known(
+        &mut self,
+        id: &str,
+        base: &str,
+        detail: Option<&str>,
+        attrs: &HashMap<String, String>,
+    ) -> bool {
+        match base {
+            "kill" => {
+                let signal = attrs.get("signal").map(String::as_str);
+                // Not seen before (its start was missed): read it, then apply the kill to it.
+                !self.containers.on_kill(id, signal)
+            }
+            "die" | "stop" => {
+                self.containers.on_exit(id);
+                false
+            }
+            "destroy" => {
+                self.containers.remove(id);
+                false
+            }
+            "pause" => !self.containers.on_pause(id),
+            "health_status" => {
+                !matches!(detail.and_then(Health::parse), Some(h) if self.containers.on_health(id, h))
+            }
+            // A network event for a container that is not running (or not ours) needs no inspect.
+            "connect" | "disconnect" if !self.containers.contains(id) => false,
+            // start, restart, unpause, rename, connect, disconnect: read the container afresh.
+            _ => true,
+        }
     }
 
     /// An inspect started by an event finished: apply it, then the events that waited for it.
@@ -1139,10 +1164,17 @@ impl DockerDiscovery {
                 false
             }
         };
-        for ev in waiting {
-            // After a failed inspect, what waited applies to the last known state, without inspecting again.
+        // The kill that started the inspect applies to what it found, and never starts another: a container that
+        // is gone stays gone.
+        if let Some(ev) = waiting.trigger {
+            self.apply(docker, work, ev, false);
+        }
+        // Later events may need a fresh read (a restart since); after a failed inspect they apply to the last
+        // known state without inspecting again.
+        for ev in waiting.later {
             self.apply(docker, work, ev, ok);
         }
+        work.next_inspect(docker);
         self.publish();
     }
 
@@ -1240,9 +1272,43 @@ type Inspecting = BoxFuture<(String, Result<Option<Container>, DockerError>)>;
 /// Inspects started by events, and the events waiting for them.
 #[derive(Default)]
 struct Work {
+    /// At most [`INSPECT_CONCURRENCY`] at a time.
     inspects: futures_util::stream::FuturesUnordered<Inspecting>,
-    /// Container id → events that arrived while its inspect was under way.
-    queued: HashMap<String, Vec<EventMessage>>,
+    /// Containers waiting for a place among `inspects`.
+    backlog: std::collections::VecDeque<String>,
+    /// Container id → the events waiting for its inspect.
+    queued: HashMap<String, Waiting>,
+}
+
+/// The events waiting for a container's inspect.
+#[derive(Default)]
+struct Waiting {
+    /// The event that started it, to apply to what it finds (a kill of a container not seen before).
+    trigger: Option<EventMessage>,
+    /// Events that arrived while it was under way.
+    later: Vec<EventMessage>,
+}
+
+impl Work {
+    /// Inspects `id` now, or as soon as there is room.
+    fn inspect(&mut self, docker: &Docker, id: String) {
+        if self.inspects.len() >= INSPECT_CONCURRENCY {
+            self.backlog.push_back(id);
+            return;
+        }
+        let docker = docker.clone();
+        self.inspects.push(Box::pin(async move {
+            let result = inspect(&docker, &id).await;
+            (id, result)
+        }));
+    }
+
+    /// Starts the next inspect that waited for room.
+    fn next_inspect(&mut self, docker: &Docker) {
+        if let Some(id) = self.backlog.pop_front() {
+            self.inspect(docker, id);
+        }
+    }
 }
 
 /// Every running container, as a resync lists and inspects them.
