@@ -99,6 +99,7 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
                         "via": via,
                         "ewma_latency_ms": e.state.latency(now).as_secs_f64() * 1000.0,
                         "pending": e.state.pending(),
+                        "connections": e.state.pool.open(),
                         // Discovery lists only routable endpoints; an open breaker ejects one for a while.
                         "health": if e.state.breaker_state(now) == crate::policy::breaker::State::Open { "ejected" } else { "healthy" },
                         "breaker": e.state.breaker_state(now).as_str(),

@@ -329,31 +329,23 @@ async fn the_deadline_crosses_agents_as_a_relative_budget() {
     b.stop().await;
 }
 
-#[tokio::test]
-async fn the_clients_faults_are_the_clients() {
-    let b = backend("victim").await;
-    let agent = agent(&format!(
-        "{}[services.victim]\ncircuit_breaker = {{ failures = 3, backoff = {{ min = \"30s\" }} }}\n",
-        statics("victim", &[b.addr], "http")
-    ))
-    .await;
-    let bad_bodies: [&[u8]; 3] = [
+/// Requests whose bodies break on the client's side: malformed chunks, an oversized chunk extension, an upload
+/// cut off, h2 streams reset mid-upload. Each is the client's fault: a 400 or a closed connection.
+async fn client_faults(agent: &Agent, host: &str) {
+    let head =
+        format!("POST /collect HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let cases = [
         // A malformed chunk size after a good chunk.
-        b"POST /collect HTTP/1.1\r\nHost: victim\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        format!("{head}5\r\nhello\r\nzz\r\n"),
         // A chunk extension far beyond hyper's limit.
-        b"", // filled below
+        format!("{head}5;{}\r\nhello\r\n", "x".repeat(64 * 1024)),
         // An upload cut off mid-body.
-        b"POST /collect HTTP/1.1\r\nHost: victim\r\nTransfer-Encoding: chunked\r\n\r\n100\r\nonly a few bytes",
+        format!("{head}100\r\nonly a few bytes"),
     ];
-    let long_ext = format!(
-        "POST /collect HTTP/1.1\r\nHost: victim\r\nTransfer-Encoding: chunked\r\n\r\n5;{}\r\nhello\r\n",
-        "x".repeat(64 * 1024)
-    );
-    for (i, raw) in bad_bodies.iter().enumerate() {
-        let raw: &[u8] = if i == 1 { long_ext.as_bytes() } else { raw };
+    for (i, raw) in cases.iter().enumerate() {
         for _ in 0..2 {
             let mut s = TcpStream::connect(agent.outbound).await.unwrap();
-            s.write_all(raw).await.unwrap();
+            s.write_all(raw.as_bytes()).await.unwrap();
             if i == 2 {
                 // The client goes away mid-upload.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -377,7 +369,7 @@ async fn the_clients_faults_are_the_clients() {
     for _ in 0..2 {
         let mut h2 = h2_connect(agent.outbound).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-        let req = Request::post("http://victim/collect")
+        let req = Request::post(format!("http://{host}/collect"))
             .version(Version::HTTP_2)
             .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed_unsync())
             .unwrap();
@@ -391,23 +383,34 @@ async fn the_clients_faults_are_the_clients() {
         let _ = tx.send(Err("client gave up".into())).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The endpoint was never blamed: its breaker is closed and it serves everyone else.
     tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// The endpoint was never blamed: its breaker is closed, it serves everyone else, and no upstream failure was
+/// counted on any agent the requests crossed.
+async fn not_blamed(agents: &[&Agent], service: &str, addr: std::net::SocketAddr) {
     assert_eq!(
-        endpoint_view(&agent, "victim", b.addr).await["breaker"],
+        endpoint_view(agents[0], service, addr).await["breaker"],
         "closed"
     );
-    let got = get(&agent, "victim", "/").await;
+    let got = get(agents[0], service, "/").await;
     assert_eq!(got.status, StatusCode::OK);
-    let m = metrics(&agent).await;
-    assert_eq!(
-        sample(
-            &m,
-            "meshd_proxy_errors_total{direction=\"outbound\",error=\"upstream-failed\"}"
-        ),
-        0.0,
-        "{m}"
-    );
+    for agent in agents {
+        let m = metrics(agent).await;
+        for direction in ["outbound", "inbound"] {
+            assert_eq!(
+                sample(
+                    &m,
+                    &format!(
+                        "meshd_proxy_errors_total{{direction=\"{direction}\",error=\"upstream-failed\"}}"
+                    )
+                ),
+                0.0,
+                "{m}"
+            );
+        }
+    }
+    let m = metrics(agents[0]).await;
     assert!(
         sample(
             &m,
@@ -415,7 +418,64 @@ async fn the_clients_faults_are_the_clients() {
         ) >= 2.0,
         "{m}"
     );
-    agent.stop().await;
+}
+
+const STRICT_BREAKER: &str = "circuit_breaker = { failures = 3, backoff = { min = \"30s\" } }";
+
+#[tokio::test]
+async fn the_clients_faults_are_the_clients() {
+    for protocol in ["http", "h2c"] {
+        let b = backend("victim").await;
+        let agent = agent(&format!(
+            "{}[services.victim]\n{STRICT_BREAKER}\n",
+            statics("victim", &[b.addr], protocol)
+        ))
+        .await;
+        client_faults(&agent, "victim").await;
+        not_blamed(&[&agent], "victim", b.addr).await;
+        agent.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_clients_faults_are_the_clients_across_two_agents() {
+    let backend = backend("victim").await;
+    let b = agent_at(
+        "127.0.0.10",
+        &format!(
+            "{}[services.victim]\n{STRICT_BREAKER}\n",
+            statics("victim", &[backend.addr], "http")
+        ),
+    )
+    .await;
+    let a = agent_at(
+        "127.0.0.11",
+        &format!("[services.victim]\n{STRICT_BREAKER}\n"),
+    )
+    .await;
+    a.routing.update(meshd::routing::Update::SetRemote {
+        node: "node-b".into(),
+        inbound: b.inbound,
+        endpoints: vec![meshd::routing::EndpointSpec {
+            service: "victim".into(),
+            addr: backend.addr,
+            protocol: meshd::config::Protocol::Http,
+            weight: 100,
+        }],
+    });
+    let mut table = a.table.clone();
+    table
+        .wait_for(|t| t.service("victim").is_some_and(|s| !s.endpoints.is_empty()))
+        .await
+        .unwrap();
+    client_faults(&a, "victim").await;
+    not_blamed(&[&a, &b], "victim", backend.addr).await;
+    assert_eq!(
+        endpoint_view(&b, "victim", backend.addr).await["breaker"],
+        "closed"
+    );
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]

@@ -130,8 +130,8 @@ async fn goaway_drains_a_connection_and_new_requests_use_a_new_one() {
     })
     .await;
     b.faults.goaway();
-    // New requests go to a new connection at once, while the old one finishes its streams.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New requests go to a new connection at once (one racing the GOAWAY is refused by the old connection and
+    // retried), while the old one finishes its streams.
     for _ in 0..3 {
         let got = get(&agent, "g2", "/").await;
         assert_eq!(got.status, StatusCode::OK);
@@ -276,6 +276,24 @@ async fn a_black_holed_endpoint_is_a_connect_failure_not_a_timeout() {
 }
 
 #[tokio::test]
+async fn connects_cut_short_by_the_request_deadline_give_their_slot_back() {
+    let (hole, _fill, _listener) = black_hole().await;
+    let agent = agent(&format!(
+        "{}[services.hole]\ntimeout = \"300ms\"\nconnect_timeout = \"2s\"\nretry = {{ max_attempts = 1 }}\n",
+        statics("hole", &[hole], "http")
+    ))
+    .await;
+    for _ in 0..3 {
+        let got = get(&agent, "hole", "/").await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    }
+    // The connects were abandoned with their requests: none is still counted as an open connection.
+    let view = endpoint_view(&agent, "hole", hole).await;
+    assert_eq!(view["connections"], 0, "{view}");
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn a_backend_closing_idle_connections_after_1s_causes_no_failures() {
     let b = backend_with(
         "127.0.0.1:0".parse().unwrap(),
@@ -295,8 +313,12 @@ async fn a_backend_closing_idle_connections_after_1s_causes_no_failures() {
     // closing as it is reused.
     let mut failures = Vec::new();
     for gap_ms in [1000, 1005, 1010, 1020, 1000, 1002, 1030, 1001] {
-        for (method, body) in [("GET", vec![]), ("POST", b"x".to_vec())] {
-            let got = send(&agent, method, "node", "/", &[], body).await;
+        // Only requests that are safe to send twice: a GET, and a POST the app marked retryable.
+        for (method, headers, body) in [
+            ("GET", &[][..], vec![]),
+            ("POST", &[("mesh-retryable", "true")][..], b"x".to_vec()),
+        ] {
+            let got = send(&agent, method, "node", "/", headers, body).await;
             if got.status != StatusCode::OK {
                 failures.push((method, gap_ms, got));
             }

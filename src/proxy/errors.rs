@@ -72,6 +72,7 @@ impl MeshError {
             FailKind::Connect => MeshError::ConnectFailed,
             FailKind::Timeout => MeshError::Timeout,
             FailKind::ClientBody => MeshError::BadRequest,
+            FailKind::ClientTimeout => MeshError::RequestTimeout,
             FailKind::RefusedStream | FailKind::Stale | FailKind::Other => {
                 MeshError::UpstreamFailed
             }

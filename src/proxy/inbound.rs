@@ -21,13 +21,14 @@ use tokio::sync::watch;
 use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
 use super::headers::{
-    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_SERVICE, append_forwarded_for, join_cookies,
-    read_deadline, read_grpc_timeout, strip_hop_by_hop, write_deadline, write_grpc_timeout,
+    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE,
+    append_forwarded_for, join_cookies, read_deadline, read_grpc_timeout, strip_hop_by_hop,
+    write_deadline, write_grpc_timeout,
 };
 use super::observe::Observed;
 use super::outbound::attempt::request_target;
 use super::outbound::upgrade::restore_upgrade_headers;
-use super::pool::{ClientBody, ReqBody, SendOpts, Upstreams, Wire, h1};
+use super::pool::{BodyWatch, ClientBody, FailKind, ReqBody, SendOpts, Upstreams, Wire, h1};
 use super::server::{ConnInfo, Handler};
 use super::tunnel::Tunnels;
 use super::{ProxyBody, proto_name};
@@ -74,7 +75,8 @@ impl Handler for InboundHandler {
         async move {
             let mut req = req;
             let ctx = RequestCtx::new(&mut req, conn.peer);
-            let (service, resp) = match this.proxy(&ctx, req).await {
+            // Boxed, as on the outbound side: a large future, moved by hyper and the server.
+            let (service, resp) = match Box::pin(this.proxy(&ctx, req)).await {
                 Ok((service, resp)) => (Some(service), resp),
                 Err(r) => {
                     this.metrics
@@ -149,10 +151,18 @@ impl Inbound {
             .flatten()
             .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
         let client_side = upgrade.map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+        // Sending it twice is safe for an idempotent method, or when the app said so (the sending agent passes
+        // its `mesh-retryable` on).
+        let safe_to_repeat = super::outbound::attempt::idempotent(req.method())
+            || req
+                .headers()
+                .get(MESH_RETRYABLE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let (mut head, body) = req.into_parts();
         strip_hop_by_hop(&mut head.headers);
         head.headers.remove(MESH_ENDPOINT);
         head.headers.remove(MESH_ORIG_PROTO);
+        head.headers.remove(MESH_RETRYABLE);
         append_forwarded_for(&mut head.headers, ctx.peer.ip());
         // The sending agent put the app's authority in `:authority`.
         let authority = head.uri.authority().cloned().ok_or_else(|| Refused {
@@ -209,17 +219,19 @@ impl Inbound {
                 .map_err(|e| e.map_or_else(timed_out, refused));
         }
 
-        // Safe to send twice when it has no body: a stale kept-alive connection is then retried on a fresh one.
+        // A stale kept-alive connection is retried on a fresh one when that is safe: no body to hold, and a
+        // request that may be sent twice.
         let bodiless = body.is_end_stream();
-        let again_head = bodiless.then(|| head.clone());
+        let again_head = (bodiless && safe_to_repeat).then(|| head.clone());
         let again = move || {
             again_head
                 .map(|h| Request::from_parts(h, Either::Right(Full::new(bytes::Bytes::new()))))
         };
-        let body: ReqBody = if bodiless {
-            Either::Right(Full::new(bytes::Bytes::new()))
+        let (body, watch): (ReqBody, _) = if bodiless {
+            (Either::Right(Full::new(bytes::Bytes::new())), None)
         } else {
-            Either::Left(ClientBody::new(body))
+            let (body, watch) = ClientBody::watched(body);
+            (Either::Left(body), Some(watch))
         };
         let opts = SendOpts {
             connect_timeout,
@@ -237,7 +249,12 @@ impl Inbound {
         .await;
         let (mut resp, lease) = match sent {
             Ok(Ok(ok)) => ok,
-            Ok(Err(e)) => return Err(refused(e)),
+            Ok(Err(mut e)) => {
+                if watch.as_ref().is_some_and(BodyWatch::failed) {
+                    e.kind = FailKind::ClientBody;
+                }
+                return Err(refused(e));
+            }
             Err(_) => return Err(timed_out()),
         };
         strip_hop_by_hop(resp.headers_mut());

@@ -29,7 +29,7 @@ use crate::proxy::headers::{
     write_grpc_timeout, write_relative_deadline,
 };
 use crate::proxy::observe::{Observed, Report};
-use crate::proxy::pool::{ClientBody, FailKind, ReqBody, SendError, SendOpts, Wire};
+use crate::proxy::pool::{BodyWatch, ClientBody, FailKind, ReqBody, SendError, SendOpts, Wire};
 use crate::proxy::proto_name;
 use crate::routing::{Endpoint, Location, Service};
 
@@ -68,15 +68,15 @@ enum Attempt {
 enum Payload {
     /// Held in full (possibly empty): every attempt sends a copy.
     Replay(Bytes),
-    /// Streamed from the client: one attempt only.
-    Stream(Option<ClientBody>),
+    /// Streamed from the client: one attempt only. The watch says whether the client is done with it.
+    Stream(Option<ClientBody>, BodyWatch),
 }
 
 impl Payload {
     fn take(&mut self) -> ReqBody {
         match self {
             Payload::Replay(b) => Either::Right(Full::new(b.clone())),
-            Payload::Stream(s) => match s.take() {
+            Payload::Stream(s, _) => match s.take() {
                 Some(b) => Either::Left(b),
                 None => Either::Right(Full::new(Bytes::new())),
             },
@@ -92,11 +92,15 @@ pub async fn run(
     req: Request<Incoming>,
 ) -> Result<Served, Refusal> {
     let policy = t.policy();
-    let safe_to_repeat = idempotent(req.method())
-        || req
-            .headers()
-            .get(MESH_RETRYABLE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let marked_retryable = req
+        .headers()
+        .get(MESH_RETRYABLE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let safe_to_repeat = idempotent(req.method()) || marked_retryable;
+    let hop = Hop {
+        grpc: ctx.grpc,
+        retryable: marked_retryable,
+    };
     let (mut head, body) = req.into_parts();
     prepare_head(&mut head, ctx, &t);
     let wanted_attempts = if safe_to_repeat {
@@ -106,8 +110,12 @@ pub async fn run(
     };
     // A request that is safe to repeat has its small body held even without retries: a stale connection
     // may still need a second send.
-    let mut payload = payload(&head, ClientBody::new(body), safe_to_repeat, &t).await?;
+    let mut payload = payload(&head, body, safe_to_repeat, &t).await?;
     let replayable = matches!(payload, Payload::Replay(_));
+    let watch = match &payload {
+        Payload::Stream(_, w) => Some(w.clone()),
+        Payload::Replay(_) => None,
+    };
     let max_attempts = if replayable { wanted_attempts } else { 1 };
     // A stale connection may be retried under the same rule as any retry, whatever max_attempts says.
     let resend_if_stale = replayable && safe_to_repeat;
@@ -144,21 +152,25 @@ pub async fn run(
         } else {
             head.clone()
         };
-        let req = for_endpoint(
-            this_head,
-            payload.take(),
-            endpoint,
-            &t,
-            try_deadline,
-            ctx.grpc,
-        );
+        let req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
         let again = || {
             resend_if_stale.then(|| {
                 let body = payload.take();
-                for_endpoint(head.clone(), body, endpoint, &t, try_deadline, ctx.grpc)
+                for_endpoint(head.clone(), body, endpoint, &t, try_deadline, hop)
             })
         };
-        let result = send_once(out, &t, idx, permit, req, try_deadline, ctx.grpc, again).await;
+        let result = send_once(
+            out,
+            &t,
+            idx,
+            permit,
+            req,
+            try_deadline,
+            ctx.grpc,
+            watch.as_ref(),
+            again,
+        )
+        .await;
 
         // Decide on a retry.
         let (retry_wanted, failed) = match &result {
@@ -171,7 +183,10 @@ pub async fn run(
                     FailKind::Connect => policy.retry.on.connect_failure,
                     FailKind::RefusedStream => policy.retry.on.refused_stream,
                     FailKind::Timeout => policy.retry.on.timeout,
-                    FailKind::Stale | FailKind::ClientBody | FailKind::Other => false,
+                    FailKind::Stale
+                    | FailKind::ClientBody
+                    | FailKind::ClientTimeout
+                    | FailKind::Other => false,
                 },
                 true,
             ),
@@ -242,7 +257,7 @@ pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
 /// trickles its body is answered 408 instead of holding the request forever.
 async fn payload(
     head: &Parts,
-    body: ClientBody,
+    body: Incoming,
     retries_possible: bool,
     t: &Target,
 ) -> Result<Payload, Refusal> {
@@ -255,12 +270,13 @@ async fn payload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if !retries_possible || declared.is_none_or(|n| n > MAX_REPLAY_BODY as u64) {
-        return Ok(Payload::Stream(Some(body)));
+        let (body, watch) = ClientBody::watched(body);
+        return Ok(Payload::Stream(Some(body), watch));
     }
     let name = Some(&t.service.name);
     match tokio::time::timeout_at(
         t.deadline.into(),
-        Limited::new(body, MAX_REPLAY_BODY).collect(),
+        Limited::new(ClientBody::new(body), MAX_REPLAY_BODY).collect(),
     )
     .await
     {
@@ -322,6 +338,14 @@ pub(super) fn pick_endpoint(
     (idx, svc.endpoints[idx].state.breaker_forced())
 }
 
+/// What the next hop needs to know about the request beyond its head.
+#[derive(Clone, Copy)]
+struct Hop {
+    grpc: bool,
+    /// The app sent `mesh-retryable: true`: a peer agent may send it again too.
+    retryable: bool,
+}
+
 /// `head` + `body` as `endpoint` must receive them: the request target and `Host`/`:authority` in the form
 /// its protocol uses, the deadline in the form its hop uses, and for an endpoint on another node the headers
 /// its agent needs.
@@ -331,7 +355,7 @@ fn for_endpoint(
     endpoint: &Endpoint,
     t: &Target,
     try_deadline: Instant,
-    grpc: bool,
+    hop: Hop,
 ) -> Request<ReqBody> {
     let wire = endpoint.state.pool.key().wire;
     head.uri = request_target(wire, &t.authority, &head.uri);
@@ -365,10 +389,14 @@ fn for_endpoint(
             };
             head.headers
                 .insert(MESH_ORIG_PROTO, HeaderValue::from_static(proto_name(proto)));
+            if hop.retryable {
+                head.headers
+                    .insert(MESH_RETRYABLE, HeaderValue::from_static("true"));
+            }
             write_relative_deadline(&mut head.headers, try_deadline);
         }
     }
-    if grpc || head.headers.contains_key(GRPC_TIMEOUT) {
+    if hop.grpc || head.headers.contains_key(GRPC_TIMEOUT) {
         write_grpc_timeout(
             &mut head.headers,
             try_deadline.saturating_duration_since(Instant::now()),
@@ -395,6 +423,8 @@ pub fn request_target(wire: Wire, authority: &http::uri::Authority, original: &U
 }
 
 /// Sends one attempt to endpoint `idx` of `t.service`, feeding its latency estimate and circuit breaker.
+/// `watch` follows a body streamed from the client: when it broke off, or was still arriving at the deadline,
+/// the failure is the client's.
 #[allow(clippy::too_many_arguments)]
 async fn send_once(
     out: &Outbound,
@@ -404,6 +434,7 @@ async fn send_once(
     req: Request<ReqBody>,
     deadline: Instant,
     grpc: bool,
+    watch: Option<&BodyWatch>,
     again: impl FnOnce() -> Option<Request<ReqBody>>,
 ) -> Attempt {
     let endpoint = &t.service.endpoints[idx];
@@ -454,9 +485,23 @@ async fn send_once(
             strip_hop_by_hop(resp.headers_mut());
             Attempt::Response(resp)
         }
-        Ok(Err(e)) => {
+        Ok(Err(mut e)) => {
+            if watch.is_some_and(BodyWatch::failed) {
+                // An HTTP/2 upstream only reports its stream reset: the watch knows the client's body broke.
+                e.kind = FailKind::ClientBody;
+                e.detail = "the request body from the client failed".into();
+            }
             settle(report, e.kind, failure_on);
             Attempt::Failed(e)
+        }
+        Err(_elapsed) if watch.is_some_and(|w| !w.finished()) => {
+            // The upstream may well have been waiting for the rest of the body.
+            report.abandon();
+            Attempt::Failed(SendError {
+                kind: FailKind::ClientTimeout,
+                detail: "the request body did not arrive before the request's deadline".into(),
+                unsent: None,
+            })
         }
         Err(_elapsed) => {
             endpoint.state.observe_latency(now - sent, now);
@@ -482,8 +527,11 @@ pub(super) fn settle(report: Report, kind: FailKind, failure_on: &Conditions) {
         FailKind::RefusedStream => failure_on.refused_stream,
         FailKind::Timeout => failure_on.timeout,
         FailKind::Other => true,
-        // Not the endpoint's doing: the client's body failed, or a kept-alive connection raced its close.
-        FailKind::ClientBody | FailKind::Stale => return report.abandon(),
+        // Not the endpoint's doing: the client's body failed or came too slowly, or a kept-alive connection
+        // raced its close.
+        FailKind::ClientBody | FailKind::ClientTimeout | FailKind::Stale => {
+            return report.abandon();
+        }
     };
     report.finish(!counts);
 }

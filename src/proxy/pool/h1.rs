@@ -33,6 +33,27 @@ struct State {
     waiting: usize,
 }
 
+/// A request waiting for a connection at the cap; counted in `waiting` while it lives.
+struct Waiter<'a>(&'a Shared);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.waiting = st.waiting.saturating_sub(1);
+    }
+}
+
+/// A connection being opened: one of `open` until it is handed to its task (or given back here).
+struct Opening<'a>(Option<&'a Shared>);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.closed_one();
+        }
+    }
+}
+
 /// The pool's state, shared with the leases and (weakly) with the connection tasks.
 pub struct Shared {
     addr: SocketAddr,
@@ -134,7 +155,7 @@ impl Shared {
         opts: SendOpts,
     ) -> Result<(SendRequest<ReqBody>, bool), SendError> {
         loop {
-            {
+            let waiter = {
                 let mut st = lock(&self.state);
                 if !opts.fresh {
                     let now = Instant::now();
@@ -155,17 +176,22 @@ impl Shared {
                     st.idle.remove(0);
                 }
                 st.waiting += 1;
-            }
+                Waiter(self)
+            };
             // `notify_one` keeps a permit when nobody waits yet, so no release is missed.
             self.freed.notified().await;
-            lock(&self.state).waiting -= 1;
+            drop(waiter);
         }
-        match self.connect(up, opts.connect_timeout).await {
-            Ok(send) => Ok((send, false)),
-            Err(e) => {
-                self.closed_one();
-                Err(connect_failed(&e))
+        // Counted as open from here: given back if the connect fails or the caller gives up meanwhile.
+        let mut slot = Opening(Some(self));
+        // Boxed: connecting is the rare path, and its future would make every request's future larger.
+        match Box::pin(self.connect(up, opts.connect_timeout)).await {
+            Ok(send) => {
+                // From now on the connection's own task gives the slot back when it ends.
+                slot.0 = None;
+                Ok((send, false))
             }
+            Err(e) => Err(connect_failed(&e)),
         }
     }
 

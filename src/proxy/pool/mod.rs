@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 
 use crate::telemetry::metrics::UpstreamMetrics;
 
-pub use body::{ClientBody, ClientBodyError};
+pub use body::{BodyWatch, ClientBody, ClientBodyError};
 pub use connect::ConnectError;
 
 /// Idle HTTP/1.1 connections are closed after this long: below the 5 s keep-alive of Node and many others, so
@@ -91,6 +91,8 @@ pub enum FailKind {
     Stale,
     /// The client's own request body failed (malformed chunking, an aborted upload, a reset stream).
     ClientBody,
+    /// The deadline passed while the client was still sending its request body.
+    ClientTimeout,
     /// No response headers in time.
     Timeout,
     /// The connection failed after the request was sent: it may have been processed.
@@ -211,7 +213,7 @@ impl Pool {
             fresh: true,
             ..opts
         };
-        self.send(up, retry, fresh).await
+        Box::pin(self.send(up, retry, fresh)).await
     }
 
     /// Closes connections idle for too long (and forgets closed ones). Called every [`SWEEP_INTERVAL`].
@@ -239,10 +241,15 @@ fn classify(err: &hyper::Error, reused: bool) -> FailKind {
         if e.downcast_ref::<ClientBodyError>().is_some() {
             return FailKind::ClientBody;
         }
-        if let Some(h2) = e.downcast_ref::<::h2::Error>()
-            && h2.reason() == Some(::h2::Reason::REFUSED_STREAM)
-        {
-            return FailKind::RefusedStream;
+        if let Some(h2) = e.downcast_ref::<::h2::Error>() {
+            // Refused, or above the last stream id of the peer's graceful GOAWAY: not processed either way.
+            let refused = h2.reason() == Some(::h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(::h2::Reason::NO_ERROR));
+            if refused {
+                return FailKind::RefusedStream;
+            }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             io_stale = matches!(
