@@ -239,3 +239,185 @@ fn listener_after(lines: &[String], label: &str) -> std::net::SocketAddr {
         })
         .unwrap_or_else(|| panic!("no {label} address in {lines:?}"))
 }
+
+/// Sends `GET path` on a kept-alive connection and reads one response head and its `content-length` body.
+async fn keepalive_get(s: &mut TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+fn capped_outbound(cap: usize, backend: std::net::SocketAddr) -> meshd::config::Config {
+    let cfg = agent_config_with(
+        "127.0.0.1",
+        &format!("max_connections = {cap}\nidle_timeout = \"60s\""),
+        &format!("[[discovery.static]]\nservice = \"svc\"\nendpoints = [\"{backend}\"]\n"),
+    );
+    meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn at_the_cap_a_connection_that_goes_idle_makes_room() {
+    let b = backend("svc").await;
+    let agent = start(capped_outbound(2, b.addr)).await;
+    // Both slots busy with a slow request each.
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(agent.outbound).await.unwrap();
+        s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: svc\r\n\r\n")
+            .await
+            .unwrap();
+        busy.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third client waits at the cap; once the slow requests finish, their connections sit idle (kept alive
+    // for 60 s) and one is evicted for it, well before any idle timeout.
+    let third = tokio::spawn(async move {
+        let mut s = TcpStream::connect(agent.outbound).await.unwrap();
+        let out = keepalive_get(&mut s, "/").await;
+        (out, agent)
+    });
+    let (out, agent) = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("the third connection was served once a slot went idle")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // The slow requests were answered in full first: eviction closes only idle connections.
+    for s in &mut busy {
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    let m = metrics(&agent).await;
+    assert!(
+        sample(
+            &m,
+            "meshd_connections_evicted_total{direction=\"outbound\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_listener_slot() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b = backend("svc").await;
+    let agent = start(capped_outbound(1, b.addr)).await;
+    let stream = TcpStream::connect(agent.outbound).await.unwrap();
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        "ws://svc/ws",
+    )
+    .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // The WebSocket is idle as HTTP goes, but it is open: a new connection neither evicts it nor gets in.
+    let waiting = tokio::spawn({
+        let outbound = agent.outbound;
+        async move {
+            let mut s = TcpStream::connect(outbound).await.unwrap();
+            keepalive_get(&mut s, "/").await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second connection got past a cap of 1"
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "STILL HERE"),
+        other => panic!("{other:?}"),
+    }
+    let m = metrics(&agent).await;
+    assert_eq!(
+        sample(&m, "meshd_open_connections{direction=\"outbound\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_connections_evicted_total{direction=\"outbound\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    // Once it closes, the waiting client gets its slot.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let out = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once the WebSocket closed")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_evicted_connection_with_half_a_head_is_still_cut_off_at_the_header_timeout() {
+    let b = backend("svc").await;
+    let cfg = agent_config_with(
+        "127.0.0.1",
+        "max_connections = 1\nidle_timeout = \"60s\"\nheader_timeout = \"1s\"",
+        &format!(
+            "[[discovery.static]]\nservice = \"svc\"\nendpoints = [\"{}\"]\n",
+            b.addr
+        ),
+    );
+    let agent = start(meshd::config::Config::from_toml(&cfg).unwrap()).await;
+    // Half a request head, then nothing: evicting it cannot wait for the head to finish.
+    let mut stalled = TcpStream::connect(agent.outbound).await.unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = tokio::spawn({
+        let outbound = agent.outbound;
+        async move {
+            let mut s = TcpStream::connect(outbound).await.unwrap();
+            keepalive_get(&mut s, "/").await
+        }
+    });
+    let out = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the stalled connection gave up its slot")
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    agent.stop().await;
+}

@@ -25,7 +25,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -75,12 +75,56 @@ pub struct ConnInfo {
     pub framing: Arc<Framings>,
     id: u64,
     activity: Activity,
+    /// Upgraded connections (WebSocket) that came from this one and are still open.
+    tunnels: AtomicUsize,
+    tunnel_ended: Notify,
+}
+
+impl ConnInfo {
+    /// Keeps the connection's listener slot (and its place in `meshd_open_connections`) while an upgraded
+    /// connection that came from it is open.
+    /// The connection counts as busy meanwhile: never evicted at the cap.
+    pub fn hold(self: &Arc<Self>) -> TunnelHold {
+        self.tunnels.fetch_add(1, Ordering::AcqRel);
+        self.activity.request_started();
+        TunnelHold(self.clone())
+    }
+
+    async fn tunnels_closed(&self) {
+        loop {
+            let ended = self.tunnel_ended.notified();
+            if self.tunnels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// See [`ConnInfo::hold`].
+pub struct TunnelHold(Arc<ConnInfo>);
+
+impl Drop for TunnelHold {
+    fn drop(&mut self) {
+        self.0.activity.request_done();
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+        self.0.tunnel_ended.notify_waiters();
+    }
 }
 
 /// The open connections of one listener, for eviction at the cap.
 #[derive(Default)]
 struct Live {
     conns: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnInfo>>>,
+    cap: Arc<CapWatch>,
+}
+
+/// Shared by a listener and its connections: while the listener waits at its cap with every connection busy,
+/// a connection that goes idle says so, and can then be evicted.
+#[derive(Debug, Default)]
+struct CapWatch {
+    waiting: AtomicBool,
+    idle: Notify,
 }
 
 impl Live {
@@ -228,12 +272,26 @@ pub async fn serve_with<M, S, B>(
             Err(_) => {
                 // At the cap: make room by closing the connection idle longest; with every one busy, wait (and
                 // accept nothing more meanwhile: the rest wait in the kernel's queue).
-                if live.evict_idlest() {
-                    metrics.evicted.with_label_values(&[direction]).inc();
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+                // When none is idle, the first that goes idle is evicted; one eviction makes the room needed.
+                let mut evicted = false;
+                let slot = loop {
+                    // Created before the scan, so a connection going idle during it is not missed.
+                    let idle = live.cap.idle.notified();
+                    live.cap.waiting.store(true, Ordering::SeqCst);
+                    if !evicted && live.evict_idlest() {
+                        evicted = true;
+                        metrics.evicted.with_label_values(&[direction]).inc();
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break None,
+                        s = slots.clone().acquire_owned() => break s.ok(),
+                        _ = idle, if !evicted => continue,
+                    }
+                };
+                live.cap.waiting.store(false, Ordering::SeqCst);
+                match slot {
+                    Some(s) => s,
+                    None => break,
                 }
             }
         };
@@ -243,7 +301,9 @@ pub async fn serve_with<M, S, B>(
             peer,
             framing: Arc::default(),
             id: next_id,
-            activity: Activity::new(epoch),
+            activity: Activity::new(epoch, live.cap.clone()),
+            tunnels: AtomicUsize::new(0),
+            tunnel_ended: Notify::new(),
         });
         live.lock().insert(info.id, info.clone());
         let svc = Tracking {
@@ -329,13 +389,21 @@ async fn serve_connection<S, B>(
     match opts.versions {
         Versions::Auto => {
             let conn = builder.serve_connection_with_upgrades(io, svc);
-            drive(conn, &info, &limits, open, shutdown, force).await
+            drive(conn, &info, &limits, &open, &shutdown, &force).await
         }
         Versions::H2Only => {
             let conn = builder.serve_connection(io, svc);
-            drive(conn, &info, &limits, open, shutdown, force).await
+            drive(conn, &info, &limits, &open, &shutdown, &force).await
         }
     }
+    // Closing: no longer a candidate for eviction.
+    info.activity.evicted.store(true, Ordering::Release);
+    // An upgraded connection carries on after hyper is done with it: it keeps the slot until it closes.
+    tokio::select! {
+        _ = info.tunnels_closed() => {}
+        _ = force.cancelled() => {}
+    }
+    drop(open);
 }
 
 /// Runs a connection until it ends, the drain deadline passes, or a timeout closes it.
@@ -343,19 +411,28 @@ async fn drive<C>(
     conn: C,
     info: &ConnInfo,
     limits: &ListenerLimits,
-    open: OpenConn,
-    shutdown: CancellationToken,
-    force: CancellationToken,
+    open: &OpenConn,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
 ) where
     C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Every future the loop waits on lives across its iterations: the loop runs at every wake-up of the
+    // connection (several per request), so re-creating them would cost more than the rest of the loop.
     let mut conn = std::pin::pin!(conn);
-    let timer = tokio::time::sleep(limits.idle_timeout);
-    let mut timer = std::pin::pin!(timer);
+    let mut timer = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
+    let mut changed = std::pin::pin!(info.activity.changed.notified());
+    let mut stop = std::pin::pin!(shutdown.cancelled());
+    let mut forced = std::pin::pin!(force.cancelled());
     let mut draining = false;
     let mut due = None;
     loop {
-        let next = info.activity.deadline(limits);
+        // Once draining, an idle connection closes by itself: only a request head still needs its deadline (a
+        // passed idle deadline would fire again and again).
+        let next = info
+            .activity
+            .deadline(limits)
+            .filter(|(_, why)| !draining || *why == Why::Head);
         if next != due {
             due = next;
             if let Some((at, _)) = due {
@@ -363,11 +440,13 @@ async fn drive<C>(
             }
         }
         tokio::select! {
+            biased;
             res = conn.as_mut() => {
                 open.finish(res);
                 return;
             }
-            _ = info.activity.changed.notified() => {
+            _ = changed.as_mut() => {
+                changed.set(info.activity.changed.notified());
                 if info.activity.evicted.load(Ordering::Acquire) && !draining {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
@@ -387,11 +466,11 @@ async fn drive<C>(
                 }
                 due = None;
             }
-            _ = shutdown.cancelled(), if !draining => {
+            _ = stop.as_mut(), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = force.cancelled() => return,
+            _ = forced.as_mut() => return,
         }
     }
 }
@@ -427,7 +506,8 @@ struct Activity {
     /// Wakes the connection task when a deadline appears (idle begins, a head starts) or it is evicted.
     changed: Notify,
     /// Chosen to make room at the listener's connection cap.
-    evicted: std::sync::atomic::AtomicBool,
+    evicted: AtomicBool,
+    cap: Arc<CapWatch>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,14 +517,15 @@ enum Why {
 }
 
 impl Activity {
-    fn new(start: Instant) -> Self {
+    fn new(start: Instant, cap: Arc<CapWatch>) -> Self {
         let a = Activity {
             start,
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
             changed: Notify::new(),
-            evicted: std::sync::atomic::AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            cap,
         };
         a.idle_since.store(a.now_ns(), Ordering::Release);
         a
@@ -452,7 +533,8 @@ impl Activity {
 
     /// When it last did anything, for choosing whom to evict; `None` while a request is in flight.
     fn idle_for_ordering(&self) -> Option<u64> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        // SeqCst: see `request_done`.
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
         let idle = self.idle_since.load(Ordering::Acquire);
@@ -504,9 +586,15 @@ impl Activity {
     }
 
     fn request_done(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst, paired with the listener's store of `waiting` before it scans `in_flight`: one of the two
+        // sees the other's write.
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(self.now_ns(), Ordering::Release);
             self.changed.notify_one();
+            // Only a listener waiting right now hears it (no permit is left for a later wait).
+            if self.cap.waiting.load(Ordering::SeqCst) && !self.evicted.load(Ordering::Acquire) {
+                self.cap.idle.notify_waiters();
+            }
         }
     }
 }
@@ -529,24 +617,45 @@ struct Tracking<S> {
 impl<S, B> Service<Request<Incoming>> for Tracking<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
     B: Body<Data = Bytes>,
 {
     type Response = Response<Tracked<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = Track<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.info.activity.request_started();
-        let guard = InFlight(self.info.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|body| Tracked {
-                inner: body,
-                _guard: guard,
-            }))
-        })
+        Track {
+            inner: self.inner.call(req),
+            guard: Some(InFlight(self.info.clone())),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Tracking`]: hands the in-flight mark on to the response body.
+    pub struct Track<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for Track<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Tracked<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        // Taken once: a future is not polled again after it is ready.
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|body| Tracked {
+            inner: body,
+            _guard: guard,
+        })))
     }
 }
 
@@ -555,7 +664,7 @@ pin_project_lite::pin_project! {
     pub struct Tracked<B> {
         #[pin]
         inner: B,
-        _guard: InFlight,
+        _guard: Option<InFlight>,
     }
 }
 
@@ -664,7 +773,7 @@ impl OpenConn {
         }
     }
 
-    fn finish(self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    fn finish(&self, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
         if let Err(e) = result {
             let reason = classify(&*e);
             tracing::debug!(error = %e, reason, "client connection error");

@@ -94,7 +94,9 @@ impl Handler for OutboundHandler {
         async move {
             let mut req = req;
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
-            let result = this.proxy(&mut ctx, req, &conn).await;
+            // Boxed: the proxying future is large, and hyper and the server move the handler's future around;
+            // one allocation is cheaper than copying it at every move.
+            let result = Box::pin(this.proxy(&mut ctx, req, &conn)).await;
             this.respond(&ctx, result)
         }
     }
@@ -105,7 +107,7 @@ impl Outbound {
         &self,
         ctx: &mut RequestCtx,
         req: Request<Incoming>,
-        conn: &ConnInfo,
+        conn: &Arc<ConnInfo>,
     ) -> Result<Served, Refusal> {
         if req.version() < Version::HTTP_2
             && let Some(why) = conn.framing.next().refusal()
@@ -121,7 +123,8 @@ impl Outbound {
         }
         let target = target::resolve(self, ctx, &req).await?;
         if upgrade::is_upgrade(&req) {
-            return upgrade::proxy(self, ctx, target, req).await;
+            // Rare, and its future is large: kept out of the common path's.
+            return Box::pin(upgrade::proxy(self, ctx, target, req, conn.hold())).await;
         }
         attempt::run(self, ctx, target, req).await
     }

@@ -24,6 +24,7 @@ use crate::proxy::headers::{
 use crate::proxy::observe::{Observed, Report};
 use crate::proxy::pool::{SendError, SendOpts, Wire, h1};
 use crate::proxy::proto_name;
+use crate::proxy::server::TunnelHold;
 use crate::routing::Location;
 
 /// Whether `headers` has `Connection: upgrade` and an `Upgrade` protocol.
@@ -54,6 +55,7 @@ pub async fn proxy(
     ctx: &mut RequestCtx,
     t: Target,
     mut req: Request<Incoming>,
+    slot: TunnelHold,
 ) -> Result<Served, Refusal> {
     let name = Some(&t.service.name);
     if !req.body().is_end_stream() {
@@ -193,7 +195,7 @@ pub async fn proxy(
     out.tunnels.spawn(
         client_side,
         upstream_side,
-        lease,
+        (lease, slot),
         t.config.outbound.upgrade_idle_timeout,
     );
     let (mut parts, _) = resp.into_parts();
