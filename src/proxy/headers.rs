@@ -18,6 +18,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// Constants rather than `&str` keys: a lookup by string parses the name first, on every request.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the old `Proxy-Connection`. `Trailer` is not among them: it
 /// announces the trailer fields of this message, end to end (RFC 9110 §6.6.2).

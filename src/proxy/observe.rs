@@ -172,7 +172,7 @@ impl Body for Observed {
                 if let (Some(report), Some(trailers)) = (this.report.as_mut(), frame.trailers_ref())
                 {
                     let code = trailers
-                        .get("grpc-status")
+                        .get(crate::proxy::headers::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u8>().ok());
                     report.grpc(code);

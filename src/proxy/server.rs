@@ -128,6 +128,13 @@ struct CapWatch {
 }
 
 impl Live {
+    /// Tells every open connection to drain ([`Signal::SHUTDOWN`]) or to close now ([`Signal::FORCE`]).
+    fn raise_all(&self, bit: u8) {
+        for c in self.lock().values() {
+            c.activity.signal.raise(bit);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnInfo>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,7 +150,7 @@ impl Live {
         match victim {
             Some((_, c)) => {
                 c.activity.evicted.store(true, Ordering::Release);
-                c.activity.changed.notify_one();
+                c.activity.signal.raise(Signal::CHANGED);
                 true
             }
             None => false,
@@ -328,6 +335,7 @@ pub async fn serve_with<M, S, B>(
         );
     }
     drop(listener);
+    live.raise_all(Signal::SHUTDOWN);
     connections.close();
     tracing::debug!(
         ?local,
@@ -344,6 +352,7 @@ pub async fn serve_with<M, S, B>(
             "drain deadline passed with connections still open; closing them"
         );
         force.cancel();
+        live.raise_all(Signal::FORCE);
         connections.wait().await;
     }
 }
@@ -417,14 +426,20 @@ async fn drive<C>(
 ) where
     C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Every future the loop waits on lives across its iterations: the loop runs at every wake-up of the
-    // connection (several per request), so re-creating them would cost more than the rest of the loop.
+    // The loop runs at every wake-up of the connection (several per request): besides the connection it
+    // polls only the timer and the connection's signal, an atomic and a waker (a `Notify` or a cancellation
+    // token per event cost more than the rest of the loop).
     let mut conn = std::pin::pin!(conn);
     let mut timer = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
-    let mut changed = std::pin::pin!(info.activity.changed.notified());
-    let mut stop = std::pin::pin!(shutdown.cancelled());
-    let mut forced = std::pin::pin!(force.cancelled());
-    let mut draining = false;
+    let signal = &info.activity.signal;
+    // Shutdown may have begun while the protocol was being detected (the signal is raised once).
+    if force.is_cancelled() {
+        return;
+    }
+    let mut draining = shutdown.is_cancelled();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
     let mut due = None;
     loop {
         // Once draining, an idle connection closes by itself: only a request head still needs its deadline (a
@@ -445,9 +460,12 @@ async fn drive<C>(
                 open.finish(res);
                 return;
             }
-            _ = changed.as_mut() => {
-                changed.set(info.activity.changed.notified());
-                if info.activity.evicted.load(Ordering::Acquire) && !draining {
+            bits = std::future::poll_fn(|cx| signal.poll_take(cx)) => {
+                if bits & Signal::FORCE != 0 {
+                    return;
+                }
+                let evicted = bits & Signal::CHANGED != 0 && info.activity.evicted.load(Ordering::Acquire);
+                if (evicted || bits & Signal::SHUTDOWN != 0) && !draining {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
@@ -466,11 +484,6 @@ async fn drive<C>(
                 }
                 due = None;
             }
-            _ = stop.as_mut(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = forced.as_mut() => return,
         }
     }
 }
@@ -492,6 +505,39 @@ async fn protocol(stream: &TcpStream) -> Option<bool> {
     }
 }
 
+/// Events for a connection's task: set bits, then a wake-up. Cheap to poll, which the task does at every wake-up.
+#[derive(Debug, Default)]
+struct Signal {
+    bits: std::sync::atomic::AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Signal {
+    /// A deadline appeared (idle begins, a head starts) or the connection was evicted.
+    const CHANGED: u8 = 1;
+    /// The listener is shutting down: finish in-flight requests, then close.
+    const SHUTDOWN: u8 = 2;
+    /// The drain deadline passed: close now.
+    const FORCE: u8 = 4;
+
+    fn raise(&self, bit: u8) {
+        self.bits.fetch_or(bit, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The bits raised since the last call, once there are any.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        if self.bits.load(Ordering::Acquire) == 0 {
+            self.waker.register(cx.waker());
+            // Raised between the check and the registration: its wake-up may have gone to the old waker.
+            if self.bits.load(Ordering::Acquire) == 0 {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(self.bits.swap(0, Ordering::AcqRel))
+    }
+}
+
 /// What a connection is doing, for the header and idle timeouts and for eviction.
 #[derive(Debug)]
 struct Activity {
@@ -504,7 +550,7 @@ struct Activity {
     /// When the first byte of the next request head arrived (ns since `start`, plus one; 0: none yet).
     head_since: AtomicU64,
     /// Wakes the connection task when a deadline appears (idle begins, a head starts) or it is evicted.
-    changed: Notify,
+    signal: Signal,
     /// Chosen to make room at the listener's connection cap.
     evicted: AtomicBool,
     cap: Arc<CapWatch>,
@@ -523,7 +569,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(0),
-            changed: Notify::new(),
+            signal: Signal::default(),
             evicted: AtomicBool::new(false),
             cap,
         };
@@ -544,7 +590,7 @@ impl Activity {
 
     async fn wait_evicted(&self) {
         while !self.evicted.load(Ordering::Acquire) {
-            self.changed.notified().await;
+            std::future::poll_fn(|cx| self.signal.poll_take(cx)).await;
         }
     }
 
@@ -576,7 +622,7 @@ impl Activity {
             && self.head_since.load(Ordering::Acquire) == 0
         {
             self.head_since.store(self.now_ns() + 1, Ordering::Release);
-            self.changed.notify_one();
+            self.signal.raise(Signal::CHANGED);
         }
     }
 
@@ -590,7 +636,7 @@ impl Activity {
         // sees the other's write.
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_since.store(self.now_ns(), Ordering::Release);
-            self.changed.notify_one();
+            self.signal.raise(Signal::CHANGED);
             // Only a listener waiting right now hears it (no permit is left for a later wait).
             if self.cap.waiting.load(Ordering::SeqCst) && !self.evicted.load(Ordering::Acquire) {
                 self.cap.idle.notify_waiters();

@@ -469,7 +469,7 @@ async fn send_once(
             endpoint.state.observe_latency(now - sent, now);
             let trailers_only_grpc = resp
                 .headers()
-                .get("grpc-status")
+                .get(crate::proxy::headers::GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u8>().ok());
             let failed_now = failure_on.status(resp.status())
