@@ -3,12 +3,14 @@
 #
 #   bash bench/proxy.sh            # wall-clock (wrk) and CPU cost (callgrind); rewrites a section of docs/benchmarks.md
 #   ROUNDS=5 DURATION=10 bash bench/proxy.sh
+#   BASELINE=/path/to/older/meshd bash bench/proxy.sh   # also measures that binary, in the same run (the "before")
 #
 # Wall-clock: wrk, 1 thread, 32 keep-alive connections, DURATION seconds per target, ROUNDS rounds interleaved
 # (direct, meshd, nginx, haproxy, direct, …); the median of the rounds is reported. On a shared 2-core machine
 # the load generator, the proxy and the backend compete for CPU, so compare the ratios, not the absolute numbers.
 # CPU cost: meshd under callgrind serving N and 2N keep-alive requests; (Ir(2N) − Ir(N)) / N is the instruction
-# count per request with startup subtracted — repeatable to well under 1 %.
+# count per request with startup subtracted. The median of CG_ROUNDS rounds is reported: worker-thread scheduling
+# moves single runs by a few per cent.
 #
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -17,6 +19,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CG_REQUESTS=${CG_REQUESTS:-2000}
+CG_ROUNDS=${CG_ROUNDS:-3}
 BACKEND_PORT=18080 MESHD_PORT=18140 MESHD_ADMIN=18990 MESHD_INBOUND=18143 NGINX_PORT=18081 HAPROXY_PORT=18082
 
 need=()
@@ -123,9 +126,9 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2
 
 # CPU cost per request under callgrind.
 instructions() {
-  local n=$1 port=18240 admin=18991
-  local out="$work/callgrind.$n"
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$MESHD" dev \
+  local n=$1 bin=${2:-$MESHD} port=18240 admin=18991
+  local out="$work/callgrind.$n.$(basename "$(dirname "$bin")")"
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" dev \
     --service bench=127.0.0.1:$BACKEND_PORT --listen 127.0.0.1:$port --admin 127.0.0.1:$admin \
     --inbound 127.0.0.1:18244 >/dev/null 2>"$work/valgrind.$n.err" &
   local pid=$!
@@ -134,10 +137,30 @@ instructions() {
   kill -TERM "$pid"; wait "$pid" || true
   awk '/^(summary|totals):/ {print $2; exit}' "$out"
 }
+# Per request: (Ir(2N) − Ir(N)) / N. The runtime's two worker threads park and steal differently from run to
+# run, which moves the figure by a few per cent: CG_ROUNDS rounds, interleaved with the baseline's, and the
+# median is reported with the range.
+per_request() {
+  local bin=$1 one two
+  one=$(instructions "$CG_REQUESTS" "$bin")
+  two=$(instructions $((CG_REQUESTS * 2)) "$bin")
+  echo $(( (two - one) / CG_REQUESTS ))
+}
+range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
 base=$(instructions 10)
-one=$(instructions "$CG_REQUESTS")
-two=$(instructions $((CG_REQUESTS * 2)))
-per_request=$(( (two - one) / CG_REQUESTS ))
+ours=() theirs=()
+for _ in $(seq "$CG_ROUNDS"); do
+  ours+=("$(per_request "$MESHD")")
+  if [ -n "${BASELINE:-}" ]; then theirs+=("$(per_request "$BASELINE")"); fi
+done
+per_request=$(echo "${ours[*]}" | median)
+per_request_range=$(echo "${ours[*]}" | range)
+baseline_line=""
+if [ -n "${BASELINE:-}" ]; then
+  b_per=$(echo "${theirs[*]}" | median)
+  b_range=$(echo "${theirs[*]}" | range)
+  baseline_line="Baseline in the same run, rounds interleaved (${BASELINE_NAME:-$BASELINE}): **$b_per** instructions per request (range $b_range); this build: $per_request ($(awk -v a="$per_request" -v b="$b_per" 'BEGIN { printf "%+.1f %%", (a - b) * 100 / b }'))."
+fi
 
 host_cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 {
@@ -159,8 +182,9 @@ host_cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   done
   echo
   echo "CPU cost of meshd (callgrind, one keep-alive client, default policies): **$per_request instructions per"
-  echo "request** — (Ir after $((CG_REQUESTS * 2)) requests − Ir after $CG_REQUESTS requests) / $CG_REQUESTS, startup subtracted"
+  echo "request** (median of $CG_ROUNDS rounds, range $per_request_range) — (Ir after $((CG_REQUESTS * 2)) requests − Ir after $CG_REQUESTS requests) / $CG_REQUESTS, startup subtracted"
   echo "(a run with 10 requests took $base instructions in all)."
+  if [ -n "$baseline_line" ]; then echo; echo "$baseline_line"; fi
   echo "<!-- proxy-bench:end -->"
 } >"$work/section.md"
 
