@@ -4,7 +4,8 @@
 //! Limits (per listener, from its [`ListenerLimits`]):
 //! - at most `max_connections` at once, so one listener can never take the file descriptors another needs: at
 //!   the cap, each new connection evicts the one that has been idle longest (no request in flight), and when
-//!   every connection is busy, new ones wait in the kernel's queue;
+//!   every connection is busy, new ones wait in the kernel's queue until one goes idle (and is evicted) or
+//!   closes. An upgraded connection (WebSocket) keeps its slot, busy, until the tunnel closes;
 //! - a request head must arrive within `header_timeout` of its first byte (HTTP/1), and a connection that
 //!   stays silent that long after connecting is closed;
 //! - a connection with no request in flight is closed after `idle_timeout` — its own setting, longer than
