@@ -11,6 +11,7 @@
 //! - [`telemetry`]: the metrics registry and logging.
 //! - [`reload`]: SIGHUP and `POST /v1/reload`: re-read, validate, publish or refuse.
 //! - [`shutdown`]: signals and the two-phase stop.
+//! - [`tls`]: the mesh PKI and node identities for mutual TLS between agents.
 //!
 //! Data flows one way: discovery → routing table → proxy.
 
@@ -27,4 +28,5 @@ pub mod reload;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod util;

@@ -52,10 +52,63 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// The mesh certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Host certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Exit 0 when the agent's /ready answers 200 (a healthcheck for images without curl).
     Health {
         #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
         admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a mesh CA: DIR/ca.crt (for every host) and DIR/ca.key (keep it off the hosts).
+    Init {
+        /// The SPIFFE trust domain, e.g. mesh.example.com (a-z, 0-9, '.', '-', '_').
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = meshd::tls::pki::CA_DAYS)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a host certificate for a node: DIR/NAME.crt and DIR/NAME.key.
+    Issue {
+        /// The CA directory (`meshd ca init --out`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node's name, as in its [node] name.
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = meshd::tls::pki::HOST_DAYS)]
+        days: u32,
+        /// An extra IP address SAN. Repeatable.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// An extra DNS name SAN. Repeatable.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -89,6 +142,52 @@ fn main() -> ExitCode {
             }
         },
         Command::Health { admin } => health(admin),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    trust_domain,
+                    out,
+                    days,
+                    force,
+                },
+        } => report(
+            "meshd ca init",
+            meshd::tls::pki::ca_init(&trust_domain, &out, days, force),
+        ),
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    ca,
+                    node,
+                    out,
+                    days,
+                    ip,
+                    dns,
+                    force,
+                },
+        } => report(
+            "meshd cert issue",
+            meshd::tls::pki::cert_issue(&ca, &node, &out, days, &ip, &dns, force),
+        ),
+    }
+}
+
+/// Prints what a PKI command wrote, or why it did not: exit 64 for bad input, 73 when an output file exists or
+/// cannot be written.
+fn report(what: &str, result: Result<String, meshd::tls::pki::PkiError>) -> ExitCode {
+    use meshd::tls::pki::PkiError;
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            ExitCode::from(match e {
+                PkiError::Input(_) => EXIT_CONFIG as u8,
+                PkiError::Output(_) => 73,
+            })
+        }
     }
 }
 

@@ -1,0 +1,8 @@
+//! Mutual TLS between agents: the mesh PKI (CA and host certificates) and node identities.
+//!
+//! - [`identity`]: trust domains, node SPIFFE IDs (`spiffe://<trust_domain>/node/<name>`), and the checks that
+//!   name the node a certificate belongs to.
+//! - [`pki`]: `meshd ca init`, `meshd cert issue`, and the in-memory CA of `meshd dev`.
+
+pub mod identity;
+pub mod pki;
