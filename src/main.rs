@@ -249,6 +249,13 @@ fn dev_banner(services: &[String]) -> String {
 
 fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCode {
     meshd::telemetry::logging::init(&cfg.log);
+    // The one crypto provider, installed before anything could pick another (meshd also passes it explicitly).
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
     // Purge freed pages in the background: without it, memory freed after a burst of connections stays with
     // the process until the allocator happens to run again.
     #[cfg(feature = "jemalloc")]
