@@ -183,6 +183,14 @@ fn existing_files_are_kept_unless_forced() {
     assert!(issue(false).status.success());
     assert_eq!(issue(false).status.code(), Some(73));
     assert!(issue(true).status.success());
+    assert_eq!(mode(&ca.join("n1.key")), 0o600);
+    // No temporary file is left behind.
+    let mut names: Vec<String> = std::fs::read_dir(&ca)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ca.crt", "ca.key", "n1.crt", "n1.key"]);
 }
 
 #[test]
@@ -212,6 +220,19 @@ fn bad_input_is_named_and_exits_64() {
                 "0",
             ],
             "--days",
+        ),
+        (
+            vec![
+                "ca",
+                "init",
+                "--trust-domain",
+                "m",
+                "--out",
+                ca_s,
+                "--days",
+                "4000000000",
+            ],
+            "too far",
         ),
         (
             vec!["cert", "issue", "--ca", ca_s, "--node", "a", "--out", out_s],

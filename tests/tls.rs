@@ -47,6 +47,8 @@ struct Leaf<'a> {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     is_ca: bool,
+    /// Valid for TLS client authentication (every leaf is valid for server authentication).
+    client_auth: bool,
     signer: &'a Ca,
 }
 
@@ -58,6 +60,7 @@ impl<'a> Leaf<'a> {
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(30),
             is_ca: false,
+            client_auth: true,
             signer,
         }
     }
@@ -83,10 +86,11 @@ impl<'a> Leaf<'a> {
             p.is_ca = IsCa::ExplicitNoCa;
             p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         }
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if self.client_auth {
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         let cert = p.signed_by(&key, &self.signer.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -233,6 +237,8 @@ async fn every_wrong_client_certificate_is_refused_with_its_reason() {
     no_uri.uris.clear();
     let mut two_uris = Leaf::node(&mesh, TD, "a");
     two_uris.uris.push(format!("spiffe://{TD}/node/b"));
+    let mut server_only = Leaf::node(&mesh, TD, "a");
+    server_only.client_auth = false;
     let mut workload = Leaf::node(&mesh, TD, "a");
     workload.uris = vec![format!("spiffe://{TD}/ns/default/sa/web")];
 
@@ -248,6 +254,11 @@ async fn every_wrong_client_certificate_is_refused_with_its_reason() {
         (
             "a CA certificate as the leaf",
             Some(ca_leaf.make()),
+            "not-a-host-certificate",
+        ),
+        (
+            "not for client authentication",
+            Some(server_only.make()),
             "not-a-host-certificate",
         ),
         ("no URI SAN", Some(no_uri.make()), "bad-identity"),
@@ -267,35 +278,65 @@ async fn every_wrong_client_certificate_is_refused_with_its_reason() {
     }
 }
 
+/// A server presenting `cert` whatever it is (no client authentication asked).
+fn bare_server(cert: Pem) -> Arc<rustls::ServerConfig> {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            CertificateDer::pem_slice_iter(cert.0.as_bytes())
+                .map(Result::unwrap)
+                .collect(),
+            PrivateKeyDer::from_pem_slice(cert.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(cfg)
+}
+
 #[tokio::test]
 async fn the_outbound_side_accepts_only_the_node_that_owns_the_endpoint() {
     let mesh = ca(TD);
-    let me = Leaf::node(&mesh, TD, "client-a").make();
+    // The client side as meshd builds it.
+    let me = material(&mesh, "client-a");
+    let toward = |node: &str| (*me.client_config(node).unwrap()).clone();
     let server_b = material(&mesh, "node-b").server_config().unwrap();
 
-    // Expecting node-b and reaching node-b: through.
-    let (s, c, received) = handshake(
-        server_b.clone(),
-        client(&mesh.pem, Some(me.clone()), "node-b"),
-    )
-    .await;
+    // Expecting node-b and reaching node-b: through, and node-b knows who called.
+    let (s, c, received) = handshake(server_b.clone(), toward("node-b")).await;
     assert_eq!((s, c, received), (Ok("client-a".to_string()), Ok(()), true));
 
     // Any other mesh node is refused by the client, however valid its certificate.
-    let (s, c, received) = handshake(
-        server_b.clone(),
-        client(&mesh.pem, Some(me.clone()), "node-c"),
-    )
-    .await;
+    let (s, c, received) = handshake(server_b.clone(), toward("node-c")).await;
     assert_eq!(c, Err("wrong-node"));
     assert!(s.is_err() && !received);
 
-    // A server whose certificate comes from another CA.
+    // Servers whose certificates are wrong in the other ways.
+    let now = OffsetDateTime::now_utc();
     let foreign = ca(TD);
-    let server_x = material(&foreign, "node-b").server_config().unwrap();
-    let (_, c, received) = handshake(server_x, client(&mesh.pem, Some(me), "node-b")).await;
-    assert_eq!(c, Err("unknown-ca"));
-    assert!(!received);
+    let mut expired = Leaf::node(&mesh, TD, "node-b");
+    (expired.not_before, expired.not_after) = (now - Duration::days(10), now - Duration::days(1));
+    let mut ca_leaf = Leaf::node(&mesh, TD, "node-b");
+    ca_leaf.is_ca = true;
+    let rows = [
+        (
+            "a foreign CA",
+            Leaf::node(&foreign, TD, "node-b").make(),
+            "unknown-ca",
+        ),
+        ("expired", expired.make(), "expired"),
+        ("a CA certificate", ca_leaf.make(), "not-a-host-certificate"),
+        (
+            "another trust domain",
+            Leaf::node(&mesh, "other.test", "node-b").make(),
+            "other-trust-domain",
+        ),
+    ];
+    for (what, cert, want) in rows {
+        let (_, c, received) = handshake(bare_server(cert), toward("node-b")).await;
+        assert_eq!(c, Err(want), "{what}");
+        assert!(!received, "{what}: application bytes crossed");
+    }
 }
 
 #[test]
@@ -353,5 +394,27 @@ fn broken_material_is_refused_with_every_problem_named() {
     let bad_key =
         "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
     let e = err(load(&mesh.pem, &cert, bad_key, "n1"));
-    assert!(e.contains("/etc/meshd/n1.key"), "{e}");
+    assert!(
+        e.contains("/etc/meshd/n1.key: a private key of a type meshd cannot use"),
+        "{e}"
+    );
+    // Only mesh CAs of this trust domain may be trust anchors: not a host certificate, not another domain's CA.
+    let e = err(load(&format!("{}{cert}", mesh.pem), &cert, &key, "n1"));
+    assert!(e.contains("certificate 2: not a CA certificate"), "{e}");
+    let e = err(load(
+        &format!("{}{}", mesh.pem, ca("other.test").pem),
+        &cert,
+        &key,
+        "n1",
+    ));
+    assert!(
+        e.contains("certificate 2: not a mesh CA of trust domain mesh.test"),
+        "{e}"
+    );
+    // Not valid for TLS client authentication: peers would refuse it.
+    let mut server_only = Leaf::node(&mesh, TD, "n1");
+    server_only.client_auth = false;
+    let (c, k) = server_only.make();
+    let e = err(load(&mesh.pem, &c, &k, "n1"));
+    assert!(e.contains("does not verify"), "{e}");
 }

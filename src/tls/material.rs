@@ -62,7 +62,11 @@ impl Material {
             }
             Ok(certs) => {
                 for (i, c) in certs.into_iter().enumerate() {
-                    if let Err(e) = roots.add(c) {
+                    // A trust anchor is trusted as is: only a mesh CA of this trust domain may be one (a host
+                    // certificate pasted here could otherwise mint any node's identity).
+                    if let Err(e) = check_anchor(&c, td) {
+                        problems.push(format!("{}: certificate {}: {e}", src.ca, i + 1));
+                    } else if let Err(e) = roots.add(c) {
                         problems.push(format!("{}: certificate {}: {e}", src.ca, i + 1));
                     }
                 }
@@ -138,9 +142,25 @@ impl Material {
             // The chain as a peer will check it (client authentication; the server side checks the same).
             let check = NodeClientVerifier::new(roots.clone(), td.clone(), provider.clone())
                 .map_err(|e| vec![format!("{}: {e}", src.ca)])?;
-            if let Err(e) =
-                check.verify_client_cert(&certified.cert[0], &certified.cert[1..], UnixTime::now())
-            {
+            // And as a server, toward which peers check the other purpose.
+            let as_server = NodeServerVerifier::new(roots.clone(), td.clone(), node, &provider);
+            let name = rustls::pki_types::ServerName::try_from("peer.invalid")
+                .map_err(|e| vec![e.to_string()])?;
+            let checked = check
+                .verify_client_cert(&certified.cert[0], &certified.cert[1..], UnixTime::now())
+                .map(|_| ())
+                .and_then(|()| {
+                    rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                        &as_server,
+                        &certified.cert[0],
+                        &certified.cert[1..],
+                        &name,
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .map(|_| ())
+                });
+            if let Err(e) = checked {
                 problems.push(format!(
                     "{}: does not verify against {}: {}",
                     src.cert,
@@ -193,6 +213,22 @@ impl Material {
             .with_client_cert_resolver(Arc::new(HostKey(self.key.clone())));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// Whether `der` can be a trust anchor of `td`: a CA certificate whose one URI SAN is `spiffe://<td>`.
+fn check_anchor(der: &CertificateDer<'_>, td: &TrustDomain) -> Result<(), String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not an X.509 certificate ({e})"))?;
+    if !x509.is_ca() {
+        return Err("not a CA certificate (a host certificate in the CA bundle?)".into());
+    }
+    match super::identity::uri_sans(&x509).as_slice() {
+        [one] if *one == td.uri() => Ok(()),
+        _ => Err(format!(
+            "not a mesh CA of trust domain {td} (its one URI SAN must be {})",
+            td.uri()
+        )),
     }
 }
 

@@ -89,13 +89,19 @@ fn validity(days: u32) -> Result<(OffsetDateTime, OffsetDateTime), PkiError> {
         return Err(PkiError::Input("--days must be at least 1".into()));
     }
     let now = OffsetDateTime::now_utc();
-    Ok((now - BACKDATE, now + Duration::days(i64::from(days))))
+    let end = now
+        .checked_add(Duration::days(i64::from(days)))
+        .filter(|t| t.year() <= 9999)
+        .ok_or_else(|| PkiError::Input(format!("--days {days}: too far in the future")))?;
+    Ok((now - BACKDATE, end))
 }
 
 /// A CA loaded from its directory, ready to sign.
 pub struct LoadedCa {
     pub trust_domain: TrustDomain,
     pub cert_pem: String,
+    /// A host certificate never outlives its CA.
+    not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -164,11 +170,19 @@ impl LoadedCa {
                 "{key_name} does not match {cert_name} (the key of another CA?)"
             )));
         }
+        let not_after = x509.validity().not_after.to_datetime();
+        if not_after <= OffsetDateTime::now_utc() {
+            return Err(PkiError::Input(format!(
+                "{cert_name}: the CA expired on {}",
+                day(not_after)
+            )));
+        }
         let issuer = Issuer::from_ca_cert_der(&der, key)
             .map_err(|e| PkiError::Input(format!("{cert_name}: {e}")))?;
         Ok(LoadedCa {
             trust_domain,
             cert_pem,
+            not_after,
             issuer,
         })
     }
@@ -205,6 +219,7 @@ impl LoadedCa {
         }
         params.subject_alt_names = sans;
         (params.not_before, params.not_after) = validity(days)?;
+        params.not_after = params.not_after.min(self.not_after);
         let key =
             KeyPair::generate().map_err(|e| PkiError::Input(format!("generating a key: {e}")))?;
         let cert = params
@@ -246,26 +261,44 @@ pub fn write_all(files: &[OutFile<'_>], force: bool) -> Result<(), PkiError> {
             )));
         }
     }
-    for f in files {
-        if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)
-                .map_err(|e| PkiError::Output(format!("{}: {e}", dir.display())))?;
+    // Every file goes to a temporary name of its own first; only when all are written are they renamed into
+    // place, so a failure leaves the old files as they were.
+    let tag = format!("{}.{:016x}", std::process::id(), fastrand::u64(..));
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
+    let cleanup = |staged: &[(PathBuf, &Path)]| {
+        for (tmp, _) in staged {
+            let _ = fs::remove_file(tmp);
         }
-        let tmp = f.path.with_extension("tmp");
+    };
+    for f in files {
+        if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = fs::create_dir_all(dir)
+        {
+            cleanup(&staged);
+            return Err(PkiError::Output(format!("{}: {e}", dir.display())));
+        }
+        let mut name = f.path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{tag}.tmp"));
+        let tmp = f.path.with_file_name(name);
         let written = (|| {
-            let _ = fs::remove_file(&tmp);
             let mut out = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(if f.secret { 0o600 } else { 0o644 })
                 .open(&tmp)?;
             out.write_all(f.contents.as_bytes())?;
-            out.sync_all()?;
-            fs::rename(&tmp, &f.path)
+            out.sync_all()
         })();
+        staged.push((tmp, &f.path));
         if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
+            cleanup(&staged);
             return Err(PkiError::Output(format!("{}: {e}", f.path.display())));
+        }
+    }
+    for (i, (tmp, path)) in staged.iter().enumerate() {
+        if let Err(e) = fs::rename(tmp, path) {
+            cleanup(&staged[i..]);
+            return Err(PkiError::Output(format!("{}: {e}", path.display())));
         }
     }
     Ok(())

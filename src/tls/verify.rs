@@ -225,6 +225,8 @@ pub fn reason(err: &Error) -> &'static str {
     match err {
         Error::NoCertificatesPresented => "no-client-cert",
         Error::InvalidCertificate(c) => match c {
+            // A bad signature on the chain: a CA of the same name but another key (a foreign CA), or a
+            // forgery; either way the certificate is not from a CA in the bundle.
             CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown-ca",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
