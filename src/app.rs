@@ -84,6 +84,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     }
     let inbound_listener = bind(config.inbound.listen, "inbound.listen").await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let tls = crate::tls::load(&config).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+        anyhow::anyhow!("[tls]: {}", list.join("; "))
+    })?;
+    let metrics = Metrics::new();
+    if let Some(m) = &tls {
+        metrics
+            .tls_cert_expiry
+            .with_label_values(&[&m.id.uri()])
+            .set(m.not_after as f64);
+        warn_if_expiring(m);
+    }
     let (router, routing, table) = Router::new();
     Ok(Bound {
         outbound: outbound_listeners
@@ -96,12 +108,27 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config_path: None,
         routing,
         table,
-        metrics: Metrics::new(),
+        metrics,
         outbound_listeners,
         inbound_listener,
         admin_listener,
         router,
     })
+}
+
+/// Logs a warning when this host's certificate expires within 14 days.
+fn warn_if_expiring(m: &crate::tls::material::Material) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = m.not_after - now;
+    if left < 14 * 86_400 {
+        tracing::warn!(
+            spiffe_id = %m.id,
+            days_left = left / 86_400,
+            "this host's mesh certificate expires within 14 days: issue a new one with `meshd cert issue`"
+        );
+    }
 }
 
 impl Bound {

@@ -68,6 +68,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub discovery: DiscoveryConfig,
+    /// `[tls]`: this host's mesh certificate (checked when loaded: [`crate::tls::load`]).
+    pub tls: Option<TlsConfig>,
     /// The policy of every service without its own `[services.<name>]` block.
     pub defaults: ServicePolicy,
     /// Services with their own block, each fully resolved against `[defaults]`.
@@ -102,6 +104,15 @@ pub struct OutboundConfig {
     pub limits: ListenerLimits,
     #[serde(serialize_with = "duration::ser")]
     pub upgrade_idle_timeout: Duration,
+}
+
+/// `[tls]`: PEM files, and the trust domain the certificates must belong to.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TlsConfig {
+    pub trust_domain: String,
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -242,6 +253,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub log: RawLog,
     pub discovery: RawDiscovery,
+    pub tls: Option<RawTls>,
     pub defaults: RawPolicy,
     pub services: BTreeMap<String, RawPolicy>,
     /// Keys the schema does not know, as found by `parse`.
@@ -277,6 +289,15 @@ pub struct RawInbound {
     pub header_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTls {
+    pub trust_domain: Option<String>,
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -846,6 +867,35 @@ impl RawConfig {
         {
             policy::validate_resolved(&mut pr, &at, pol);
         }
+        // [tls]
+        let tls = self.tls.as_ref().and_then(|t| {
+            let mut field = |key: &str, v: &Option<String>| match v.as_deref() {
+                Some(v) if !v.trim().is_empty() => Some(v.to_string()),
+                _ => {
+                    pr.push(
+                        p!("tls", key),
+                        "required in [tls] (make the files with `meshd ca init` and `meshd cert issue`)",
+                    );
+                    None
+                }
+            };
+            let trust_domain = field("trust_domain", &t.trust_domain);
+            let (ca, cert, key) = (field("ca", &t.ca), field("cert", &t.cert), field("key", &t.key));
+            let trust_domain = trust_domain.filter(|td| match crate::tls::identity::TrustDomain::parse(td) {
+                Ok(_) => true,
+                Err(e) => {
+                    pr.push(p!("tls", "trust_domain"), e);
+                    false
+                }
+            });
+            Some(TlsConfig {
+                trust_domain: trust_domain?,
+                ca: ca?.into(),
+                cert: cert?.into(),
+                key: key?.into(),
+            })
+        });
+
         if !pr.list.is_empty() {
             return Err(pr.finish(text));
         }
@@ -874,6 +924,7 @@ impl RawConfig {
             },
             log: LogConfig { level, format },
             discovery: DiscoveryConfig { static_, docker },
+            tls,
             defaults,
             services,
         })

@@ -199,10 +199,19 @@ fn load(path: &PathBuf) -> Result<Config, ExitCode> {
             return Err(ExitCode::from(EXIT_CONFIG as u8));
         }
     };
-    Config::from_toml(&text).map_err(|errs| {
+    let cfg = Config::from_toml(&text).map_err(|errs| {
         eprint!("meshd: {}: {errs}", path.display());
         ExitCode::from(EXIT_CONFIG as u8)
-    })
+    })?;
+    // The files [tls] names: read and checked together, each problem with its key.
+    if let Err(problems) = meshd::tls::load(&cfg) {
+        eprintln!("meshd: {}: problems with the [tls] files:", path.display());
+        for (key, msg) in problems {
+            eprintln!("  {key}: {msg}");
+        }
+        return Err(ExitCode::from(EXIT_CONFIG as u8));
+    }
+    Ok(cfg)
 }
 
 fn dev_config(

@@ -95,6 +95,10 @@ fn reload(
     if new.discovery.docker != old.discovery.docker {
         restart.push("discovery.docker");
     }
+    // The [tls] files are read at start (hot reload of certificates is still to come).
+    if new.tls != old.tls {
+        restart.push("tls");
+    }
     // Settings read only at start keep their running values, so /v1/config shows what is in effect.
     new.outbound.listen = old.outbound.listen.clone();
     new.outbound.limits = old.outbound.limits;
@@ -104,6 +108,7 @@ fn reload(
     new.node = old.node.clone();
     new.log = old.log.clone();
     new.discovery.docker = old.discovery.docker.clone();
+    new.tls = old.tls.clone();
     apply_to_routing(&new, routing);
     config.send_replace(Arc::new(new));
     Ok(if restart.is_empty() {

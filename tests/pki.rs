@@ -333,3 +333,122 @@ fn bad_input_is_named_and_exits_64() {
     assert!(text(&o).contains("not a CA certificate"), "{}", text(&o));
     assert!(!out.join("a.crt").exists());
 }
+
+mod common;
+
+/// A config for node `name` with `[tls]` pointing at `dir/ca/ca.crt` and `dir/hosts/<cert_node>.{crt,key}`.
+fn tls_config(dir: &Path, name: &str, cert_node: &str, extra_tls: &str) -> String {
+    format!(
+        "[node]\nname = \"{name}\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ntrust_domain = \"mesh.test\"\nca = \"{ca}\"\ncert = \"{crt}\"\nkey = \"{key}\"\n{extra_tls}",
+        ca = dir.join("ca/ca.crt").display(),
+        crt = dir.join(format!("hosts/{cert_node}.crt")).display(),
+        key = dir.join(format!("hosts/{cert_node}.key")).display(),
+    )
+}
+
+#[tokio::test]
+async fn tls_files_are_checked_by_check_config_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, hosts) = (dir.path().join("ca"), dir.path().join("hosts"));
+    assert!(
+        meshd(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "mesh.test",
+            "--out",
+            ca.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    for node in ["n1", "n2"] {
+        let o = meshd(&[
+            "cert",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--node",
+            node,
+            "--out",
+            hosts.to_str().unwrap(),
+            "--days",
+            "10",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let check = |cfg: &str| {
+        let path = dir.path().join("meshd.toml");
+        std::fs::write(&path, cfg).unwrap();
+        meshd(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let o = check(&tls_config(dir.path(), "n1", "n1", ""));
+    assert!(o.status.success(), "{}", text(&o));
+
+    // This node is n1 but the files are n2's.
+    let o = check(&tls_config(dir.path(), "n1", "n2", ""));
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(
+        text(&o).contains("tls.cert:")
+            && text(&o).contains("for node \"n2\", but this node is \"n1\""),
+        "{}",
+        text(&o)
+    );
+    // n1's certificate with n2's key.
+    let mixed = tls_config(dir.path(), "n1", "n1", "").replace("hosts/n1.key", "hosts/n2.key");
+    let o = check(&mixed);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(
+        text(&o).contains("tls.key:") && text(&o).contains("does not match"),
+        "{}",
+        text(&o)
+    );
+    // A missing file, a bad trust domain, a missing key.
+    let o = check(&tls_config(dir.path(), "n1", "n9", ""));
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(
+        text(&o).contains("tls.cert:") && text(&o).contains("n9.crt"),
+        "{}",
+        text(&o)
+    );
+    let o = check(&tls_config(dir.path(), "n1", "n1", "").replace("\"mesh.test\"", "\"Mesh\""));
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("tls.trust_domain"), "{}", text(&o));
+    let no_key: String = tls_config(dir.path(), "n1", "n1", "")
+        .lines()
+        .filter(|l| !l.starts_with("key ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let o = check(&no_key);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(
+        text(&o).contains("tls.key") && text(&o).contains("required"),
+        "{}",
+        text(&o)
+    );
+
+    // An agent started with good files exports its certificate's expiry.
+    let cfg = meshd::config::Config::from_toml(&tls_config(dir.path(), "n1", "n1", "")).unwrap();
+    let agent = common::start(cfg).await;
+    let m = common::metrics(&agent).await;
+    let expiry = common::sample(
+        &m,
+        "meshd_tls_cert_expiry_timestamp_seconds{spiffe_id=\"spiffe://mesh.test/node/n1\"}",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!(
+        (expiry - (now + 10.0 * 86400.0)).abs() < 120.0,
+        "{expiry} vs {now}: {m}"
+    );
+    agent.stop().await;
+    // And refuses to start with bad ones.
+    let bad = meshd::config::Config::from_toml(&tls_config(dir.path(), "n1", "n2", "")).unwrap();
+    let err = meshd::app::build(bad)
+        .await
+        .err()
+        .expect("started with another node's certificate");
+    assert!(err.to_string().contains("tls.cert"), "{err}");
+}

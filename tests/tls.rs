@@ -361,7 +361,13 @@ fn broken_material_is_refused_with_every_problem_named() {
         )
     };
     assert!(load(&mesh.pem, &cert, &key, "n1").is_ok());
-    let err = |r: Result<Material, Vec<String>>| r.map(|_| ()).unwrap_err().join("\n");
+    let err = |r: Result<Material, Vec<(meshd::tls::material::Part, String)>>| {
+        let list = r.map(|_| ()).unwrap_err();
+        list.into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
 
     let e = err(load(&mesh.pem, &cert, &other_key, "n1"));
     assert!(

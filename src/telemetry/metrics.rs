@@ -41,6 +41,8 @@ pub struct Metrics {
     pub tunnels: TunnelMetrics,
     /// `meshd_config_reload_failures_total`
     pub config_reload_failures: prometheus::IntCounter,
+    /// `meshd_tls_cert_expiry_timestamp_seconds{spiffe_id}`: this host's certificate (only with `[tls]`).
+    pub tls_cert_expiry: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -66,6 +68,15 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, config_reload_failures.clone());
+        let tls_cert_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "meshd_tls_cert_expiry_timestamp_seconds",
+                "When this host's mesh certificate expires (Unix time)",
+            ),
+            &["spiffe_id"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(&inner, tls_cert_expiry.clone());
         Metrics {
             inner,
             proxy,
@@ -74,6 +85,7 @@ impl Metrics {
             upstream,
             tunnels,
             config_reload_failures,
+            tls_cert_expiry,
         }
     }
 

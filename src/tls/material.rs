@@ -21,6 +21,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// ALPN: agents speak HTTP/2 to each other.
 const ALPN_H2: &[u8] = b"h2";
 
+/// Which of the three inputs a problem is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Ca,
+    Cert,
+    Key,
+}
+
 /// Where each PEM came from, for messages.
 pub struct Sources<'a> {
     pub ca: &'a str,
@@ -51,55 +59,61 @@ impl Material {
         cert: &[u8],
         key: &[u8],
         src: &Sources<'_>,
-    ) -> Result<Material, Vec<String>> {
+    ) -> Result<Material, Vec<(Part, String)>> {
         let provider = provider();
         let mut problems = Vec::new();
 
         let mut roots = RootCertStore::empty();
         match CertificateDer::pem_slice_iter(ca).collect::<Result<Vec<_>, _>>() {
-            Ok(certs) if certs.is_empty() => {
-                problems.push(format!("{}: no certificate in the CA bundle", src.ca))
-            }
+            Ok(certs) if certs.is_empty() => problems.push((
+                Part::Ca,
+                format!("{}: no certificate in the CA bundle", src.ca),
+            )),
             Ok(certs) => {
                 for (i, c) in certs.into_iter().enumerate() {
                     // A trust anchor is trusted as is: only a mesh CA of this trust domain may be one (a host
                     // certificate pasted here could otherwise mint any node's identity).
                     if let Err(e) = check_anchor(&c, td) {
-                        problems.push(format!("{}: certificate {}: {e}", src.ca, i + 1));
+                        problems
+                            .push((Part::Ca, format!("{}: certificate {}: {e}", src.ca, i + 1)));
                     } else if let Err(e) = roots.add(c) {
-                        problems.push(format!("{}: certificate {}: {e}", src.ca, i + 1));
+                        problems
+                            .push((Part::Ca, format!("{}: certificate {}: {e}", src.ca, i + 1)));
                     }
                 }
             }
-            Err(e) => problems.push(format!("{}: not PEM certificates ({e})", src.ca)),
+            Err(e) => problems.push((Part::Ca, format!("{}: not PEM certificates ({e})", src.ca))),
         }
 
         let chain = match CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>() {
             Ok(c) if c.is_empty() => {
-                problems.push(format!("{}: no certificate", src.cert));
+                problems.push((Part::Cert, format!("{}: no certificate", src.cert)));
                 None
             }
             Ok(c) => Some(c),
             Err(e) => {
-                problems.push(format!("{}: not PEM certificates ({e})", src.cert));
+                problems.push((
+                    Part::Cert,
+                    format!("{}: not PEM certificates ({e})", src.cert),
+                ));
                 None
             }
         };
         let mut facts = None;
         if let Some(chain) = &chain {
             match x509_parser::parse_x509_certificate(&chain[0]) {
-                Ok((_, leaf)) if leaf.is_ca() => problems.push(format!(
+                Ok((_, leaf)) if leaf.is_ca() => problems.push((Part::Cert, format!(
                     "{}: the first certificate is a CA; the host certificate must come first (chain in the wrong order?)",
                     src.cert
-                )),
+                ))),
                 Ok((_, leaf)) => {
                     match node_of(&leaf, td) {
                         Ok(id) if id.node == node => {}
-                        Ok(id) => problems.push(format!(
+                        Ok(id) => problems.push((Part::Cert, format!(
                             "{}: the certificate is for node {:?}, but this node is {node:?} ([node] name)",
                             src.cert, id.node
-                        )),
-                        Err(e) => problems.push(format!("{}: {e}", src.cert)),
+                        ))),
+                        Err(e) => problems.push((Part::Cert, format!("{}: {e}", src.cert))),
                     }
                     facts = Some((
                         leaf.subject().to_string(),
@@ -107,7 +121,7 @@ impl Material {
                         leaf.validity().not_after.timestamp(),
                     ));
                 }
-                Err(e) => problems.push(format!("{}: not an X.509 certificate ({e})", src.cert)),
+                Err(e) => problems.push((Part::Cert, format!("{}: not an X.509 certificate ({e})", src.cert))),
             }
         }
 
@@ -115,15 +129,18 @@ impl Material {
             Ok(k) => match provider.key_provider.load_private_key(k) {
                 Ok(k) => Some(k),
                 Err(e) => {
-                    problems.push(format!(
+                    problems.push((Part::Key, format!(
                         "{}: a private key of a type meshd cannot use ({e}); use ECDSA P-256/P-384, Ed25519 or RSA",
                         src.key
-                    ));
+                    )));
                     None
                 }
             },
             Err(e) => {
-                problems.push(format!("{}: not a PEM private key ({e})", src.key));
+                problems.push((
+                    Part::Key,
+                    format!("{}: not a PEM private key ({e})", src.key),
+                ));
                 None
             }
         };
@@ -135,17 +152,20 @@ impl Material {
         };
         let certified = CertifiedKey::new(chain, signing_key);
         if certified.keys_match().is_err() {
-            problems.push(format!("{} does not match {}", src.key, src.cert));
+            problems.push((
+                Part::Key,
+                format!("{} does not match {}", src.key, src.cert),
+            ));
         }
         let roots = Arc::new(roots);
         if !roots.is_empty() {
             // The chain as a peer will check it (client authentication; the server side checks the same).
             let check = NodeClientVerifier::new(roots.clone(), td.clone(), provider.clone())
-                .map_err(|e| vec![format!("{}: {e}", src.ca)])?;
+                .map_err(|e| vec![(Part::Ca, format!("{}: {e}", src.ca))])?;
             // And as a server, toward which peers check the other purpose.
             let as_server = NodeServerVerifier::new(roots.clone(), td.clone(), node, &provider);
             let name = rustls::pki_types::ServerName::try_from("peer.invalid")
-                .map_err(|e| vec![e.to_string()])?;
+                .map_err(|e| vec![(Part::Cert, e.to_string())])?;
             let checked = check
                 .verify_client_cert(&certified.cert[0], &certified.cert[1..], UnixTime::now())
                 .map(|_| ())
@@ -161,18 +181,21 @@ impl Material {
                     .map(|_| ())
                 });
             if let Err(e) = checked {
-                problems.push(format!(
-                    "{}: does not verify against {}: {}",
-                    src.cert,
-                    src.ca,
-                    describe(&e)
+                problems.push((
+                    Part::Cert,
+                    format!(
+                        "{}: does not verify against {}: {}",
+                        src.cert,
+                        src.ca,
+                        describe(&e)
+                    ),
                 ));
             }
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let id = NodeId::new(td.clone(), node).map_err(|e| vec![e])?;
+        let id = NodeId::new(td.clone(), node).map_err(|e| vec![(Part::Cert, e)])?;
         Ok(Material {
             id,
             roots,
