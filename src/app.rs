@@ -44,6 +44,8 @@ pub struct Bound {
     inbound_listener: TcpListener,
     admin_listener: TcpListener,
     router: Router,
+    /// Mutual TLS with peer agents (`[tls]`).
+    tls: Option<Arc<crate::tls::peers::PeerTls>>,
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -96,6 +98,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .set(m.not_after as f64);
         warn_if_expiring(m);
     }
+    let tls = match tls {
+        Some(m) => Some(Arc::new(
+            crate::tls::peers::PeerTls::new(m, metrics.tls_handshake_errors.clone())
+                .map_err(|e| anyhow::anyhow!("[tls]: {e}"))?,
+        )),
+        None => None,
+    };
     let (router, routing, table) = Router::new();
     Ok(Bound {
         outbound: outbound_listeners
@@ -113,6 +122,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         inbound_listener,
         admin_listener,
         router,
+        tls,
     })
 }
 
@@ -151,6 +161,7 @@ impl Bound {
             inbound_listener,
             admin_listener,
             router,
+            tls,
             outbound: outbound_addrs,
             inbound: inbound_addr,
             admin: admin_addr,
@@ -214,7 +225,7 @@ impl Bound {
         }
         discovery_synced.ready();
 
-        let upstreams = Upstreams::new(metrics.upstream.clone());
+        let upstreams = Upstreams::new(metrics.upstream.clone(), tls.clone());
         let sweeper = tokio::spawn(sweep_pools(table.clone(), stop_router.clone()));
         let drain = config.node.drain_timeout;
         let outbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Outbound.as_str());
@@ -234,17 +245,20 @@ impl Bound {
             limits: config.outbound.limits,
             drain,
             follow_framing: true,
+            tls: None,
         };
         for listener in outbound_listeners {
             proxies.spawn(server::serve(
                 listener,
-                outbound_opts,
+                outbound_opts.clone(),
                 outbound.clone(),
                 metrics.proxy.clone(),
                 stop_proxies.clone(),
             ));
         }
-        if config.inbound.insecure_plaintext {
+        if let Some(t) = &tls {
+            tracing::info!(identity = %t.material.id, "the inbound listener accepts peer agents over mutual TLS");
+        } else if config.inbound.insecure_plaintext {
             tracing::warn!(
                 "inbound.insecure_plaintext = true: peer agents are accepted over plaintext HTTP/2 without \
                  authentication; use this only on a trusted test network"
@@ -263,6 +277,7 @@ impl Bound {
                 limits: config.inbound.limits,
                 drain,
                 follow_framing: false,
+                tls: tls.clone(),
             },
             InboundHandler(Arc::new(Inbound {
                 config: config_rx.clone(),
@@ -290,6 +305,7 @@ impl Bound {
                 limits: config.admin.limits,
                 drain,
                 follow_framing: false,
+                tls: None,
             },
             metrics.proxy.clone(),
             stop_admin.clone(),

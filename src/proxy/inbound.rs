@@ -74,7 +74,9 @@ impl Handler for InboundHandler {
         let this = self.0;
         async move {
             let mut req = req;
-            let ctx = RequestCtx::new(&mut req, conn.peer);
+            let mut ctx = RequestCtx::new(&mut req, conn.peer);
+            // The node its certificate proved (mutual TLS); `None` over plaintext.
+            ctx.peer_identity = conn.peer_node.get().map(|n| Arc::from(n.as_str()));
             // Boxed, as on the outbound side: a large future, moved by hyper and the server.
             let (service, resp) = match Box::pin(this.proxy(&ctx, req)).await {
                 Ok((service, resp)) => (Some(service), resp),
@@ -83,7 +85,7 @@ impl Handler for InboundHandler {
                         .errors
                         .with_label_values(&[Direction::Inbound.as_str(), r.error.code()])
                         .inc();
-                    tracing::debug!(peer = %ctx.peer, error = r.error.code(), detail = %r.detail, "inbound request refused");
+                    tracing::debug!(peer = %ctx.peer, peer_node = ctx.peer_identity.as_deref().unwrap_or("-"), error = r.error.code(), detail = %r.detail, "inbound request refused");
                     (r.service, error_response(r.error, ctx.grpc, &r.detail))
                 }
             };
@@ -106,10 +108,10 @@ impl Inbound {
     ) -> Result<(String, Response<ProxyBody>), Refused> {
         let config = self.config.borrow().clone();
         // Without mutual TLS there is no way to tell a peer agent from anyone else who can reach the port.
-        if !config.inbound.insecure_plaintext {
+        if ctx.peer_identity.is_none() && !config.inbound.insecure_plaintext {
             return Err(forbidden(
-                "this node accepts peer agents only over mutual TLS, which this version does not provide; \
-                 set inbound.insecure_plaintext = true on a trusted test network",
+                "this node accepts peer agents only over mutual TLS: configure [tls], or set \
+                 inbound.insecure_plaintext = true on a trusted test network",
             ));
         }
         if req.version() != Version::HTTP_2 {

@@ -76,6 +76,8 @@ pub struct ConnInfo {
     pub framing: Arc<Framings>,
     id: u64,
     activity: Activity,
+    /// The peer agent's node name, proved by its certificate (TLS listeners only).
+    pub peer_node: std::sync::OnceLock<String>,
     /// Upgraded connections (WebSocket) that came from this one and are still open.
     tunnels: AtomicUsize,
     tunnel_ended: Notify,
@@ -178,7 +180,7 @@ pub enum Versions {
 }
 
 /// How a listener serves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub direction: Direction,
     pub versions: Versions,
@@ -187,6 +189,9 @@ pub struct Options {
     pub drain: Duration,
     /// Follow HTTP/1 request framing for the smuggling check ([`super::framing`]).
     pub follow_framing: bool,
+    /// Mutual TLS (the inbound listener, with `[tls]`): every connection starts with a handshake, and the
+    /// peer's node name is known before any request.
+    pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
 }
 
 fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
@@ -310,6 +315,7 @@ pub async fn serve_with<M, S, B>(
             framing: Arc::default(),
             id: next_id,
             activity: Activity::new(epoch, live.cap.clone()),
+            peer_node: std::sync::OnceLock::new(),
             tunnels: AtomicUsize::new(0),
             tunnel_ended: Notify::new(),
         });
@@ -319,11 +325,12 @@ pub async fn serve_with<M, S, B>(
             info: info.clone(),
         };
         let open = OpenConn::new(&metrics, opts.direction);
-        let (builder, force, shutdown, live) = (
+        let (builder, force, shutdown, live, opts) = (
             builder.clone(),
             force.clone(),
             shutdown.clone(),
             live.clone(),
+            opts.clone(),
         );
         connections.spawn(
             async move {
@@ -376,16 +383,44 @@ async fn serve_connection<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = opts.limits;
-    // hyper needs the first bytes to tell HTTP/1 from HTTP/2. Until then a client that sends nothing, or a
-    // few bytes of the HTTP/2 preface, is held to the header timeout.
-    let h2 = tokio::select! {
-        r = tokio::time::timeout(limits.header_timeout, protocol(&stream)) => match r {
-            Ok(Some(h2)) => h2,
-            Ok(None) => return,
-            Err(_) => return open.count_error("header-timeout"),
-        },
-        _ = info.activity.wait_evicted() => return,
-        _ = shutdown.cancelled() => return,
+    let (stream, h2) = match &opts.tls {
+        // TLS first, within the header timeout (a peer that stalls in the handshake is cut off and counted).
+        // ALPN offers only h2.
+        Some(tls) => {
+            let done = tokio::select! {
+                r = tokio::time::timeout(limits.header_timeout, tls.accept(stream, info.peer)) => r,
+                _ = info.activity.wait_evicted() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            match done {
+                Ok(Some((tls_stream, node))) => {
+                    let _ = info.peer_node.set(node);
+                    (
+                        crate::tls::stream::Stream::Tls(Box::new(tls_stream.into())),
+                        true,
+                    )
+                }
+                Ok(None) => return open.count_error("tls-handshake"),
+                Err(_) => {
+                    tls.timed_out(opts.direction.as_str(), info.peer);
+                    return open.count_error("tls-handshake");
+                }
+            }
+        }
+        None => {
+            // hyper needs the first bytes to tell HTTP/1 from HTTP/2. Until then a client that sends nothing,
+            // or a few bytes of the HTTP/2 preface, is held to the header timeout.
+            let h2 = tokio::select! {
+                r = tokio::time::timeout(limits.header_timeout, protocol(&stream)) => match r {
+                    Ok(Some(h2)) => h2,
+                    Ok(None) => return,
+                    Err(_) => return open.count_error("header-timeout"),
+                },
+                _ = info.activity.wait_evicted() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            (crate::tls::stream::Stream::Plain(stream), h2)
+        }
     };
     let follower = (opts.follow_framing && !h2).then(|| Follower::new(info.framing.clone()));
     let io = TokioIo::new(ClientIo {
@@ -739,7 +774,7 @@ pin_project_lite::pin_project! {
     /// A client connection: what it reads feeds the framing follower and the header timeout.
     struct ClientIo {
         #[pin]
-        inner: TcpStream,
+        inner: crate::tls::stream::Stream,
         follower: Option<Follower>,
         info: Arc<ConnInfo>,
         // HTTP/1: bytes between requests start a head.

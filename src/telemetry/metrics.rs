@@ -43,6 +43,8 @@ pub struct Metrics {
     pub config_reload_failures: prometheus::IntCounter,
     /// `meshd_tls_cert_expiry_timestamp_seconds{spiffe_id}`: this host's certificate (only with `[tls]`).
     pub tls_cert_expiry: prometheus::GaugeVec,
+    /// `meshd_tls_handshake_errors_total{direction,reason}`
+    pub tls_handshake_errors: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -77,6 +79,15 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, tls_cert_expiry.clone());
+        let tls_handshake_errors = prometheus::IntCounterVec::new(
+            Opts::new(
+                "meshd_tls_handshake_errors_total",
+                "TLS handshakes with peer agents that failed, by side and reason",
+            ),
+            &["direction", "reason"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(&inner, tls_handshake_errors.clone());
         Metrics {
             inner,
             proxy,
@@ -86,6 +97,7 @@ impl Metrics {
             tunnels,
             config_reload_failures,
             tls_cert_expiry,
+            tls_handshake_errors,
         }
     }
 

@@ -5,10 +5,14 @@
 //! - [`pki`]: `meshd ca init`, `meshd cert issue`, and the in-memory CA of `meshd dev`.
 //! - [`verify`]: the rustls verifiers for each side, and the reasons a handshake is refused.
 //! - [`material`]: a host's CA bundle, certificate and key, checked together, and the rustls configs.
+//! - [`peers`]: TLS at run time — the acceptor, a client config per expected node, failed-handshake accounting.
+//! - [`stream`]: a connection that is plain TCP or TLS.
 
 pub mod identity;
 pub mod material;
+pub mod peers;
 pub mod pki;
+pub mod stream;
 pub mod verify;
 
 use crate::config::Config;

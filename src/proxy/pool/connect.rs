@@ -24,6 +24,8 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("connected to {addr}, but {detail}")]
+    Tls { addr: SocketAddr, detail: String },
     #[error("connected to {addr}, but the HTTP handshake failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -44,6 +46,7 @@ impl ConnectError {
             }
             ConnectError::Io { .. } => "error",
             ConnectError::Handshake { .. } => "handshake",
+            ConnectError::Tls { .. } => "tls",
         }
     }
 }
@@ -65,4 +68,31 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
     let _ = socket2::SockRef::from(&stream)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
     Ok(stream)
+}
+
+/// Connects to a peer agent's inbound listener: TCP, then mutual TLS proving `node` when `tls` is set (all
+/// within `timeout`), else plaintext.
+pub async fn peer(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&crate::tls::peers::PeerTls>,
+    node: Option<&std::sync::Arc<str>>,
+) -> Result<crate::tls::stream::Stream, ConnectError> {
+    let started = tokio::time::Instant::now();
+    let tcp = self::tcp(addr, timeout).await?;
+    let (Some(tls), Some(node)) = (tls, node) else {
+        return Ok(crate::tls::stream::Stream::Plain(tcp));
+    };
+    let left = timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, tls.connect(tcp, addr, node)).await {
+        Ok(Ok(s)) => Ok(crate::tls::stream::Stream::Tls(Box::new(s.into()))),
+        Ok(Err(detail)) => Err(ConnectError::Tls { addr, detail }),
+        Err(_) => {
+            tls.timed_out("outbound", addr);
+            Err(ConnectError::Timeout {
+                addr,
+                after: timeout,
+            })
+        }
+    }
 }

@@ -94,6 +94,8 @@ struct State {
 /// The pool's state, shared with the leases and (weakly) with the connection tasks.
 pub struct Shared {
     addr: SocketAddr,
+    /// The node a peer agent's connection must prove (mutual TLS), when there is one.
+    identity: Option<Arc<str>>,
     state: Mutex<State>,
 }
 
@@ -121,9 +123,10 @@ enum Pick {
 }
 
 impl Shared {
-    pub fn new(addr: SocketAddr) -> Arc<Shared> {
+    pub fn new(addr: SocketAddr, identity: Option<Arc<str>>) -> Arc<Shared> {
         Arc::new(Shared {
             addr,
+            identity,
             state: Mutex::new(State {
                 streams_hint: DEFAULT_MAX_STREAMS,
                 ..State::default()
@@ -252,7 +255,13 @@ impl Shared {
         expected_streams: usize,
     ) -> Result<Arc<Conn>, ConnectError> {
         let result = async {
-            let stream = connect::tcp(self.addr, timeout).await?;
+            let stream = connect::peer(
+                self.addr,
+                timeout,
+                up.tls.as_deref(),
+                self.identity.as_ref(),
+            )
+            .await?;
             let mut b = Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -306,8 +315,11 @@ impl Shared {
     }
 }
 
-type H2Conn =
-    hyper::client::conn::http2::Connection<TokioIo<tokio::net::TcpStream>, ReqBody, TokioExecutor>;
+type H2Conn = hyper::client::conn::http2::Connection<
+    TokioIo<crate::tls::stream::Stream>,
+    ReqBody,
+    TokioExecutor,
+>;
 
 /// Drives a connection and keeps `max_streams` equal to what the peer currently allows.
 struct Driven {

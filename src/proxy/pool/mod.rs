@@ -122,11 +122,13 @@ impl SendError {
 #[derive(Clone)]
 pub struct Upstreams {
     pub metrics: UpstreamMetrics,
+    /// Mutual TLS toward peer agents (`[tls]`); without it, peers are reached over plaintext HTTP/2.
+    pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
 }
 
 impl Upstreams {
-    pub fn new(metrics: UpstreamMetrics) -> Self {
-        Upstreams { metrics }
+    pub fn new(metrics: UpstreamMetrics, tls: Option<Arc<crate::tls::peers::PeerTls>>) -> Self {
+        Upstreams { metrics, tls }
     }
 }
 
@@ -166,7 +168,7 @@ impl Pool {
     pub fn new(key: PoolKey) -> Pool {
         let inner = match key.wire {
             Wire::H1 => Inner::H1(h1::Shared::new(key.addr)),
-            Wire::H2 => Inner::H2(h2::Shared::new(key.addr)),
+            Wire::H2 => Inner::H2(h2::Shared::new(key.addr, key.identity.clone())),
         };
         Pool { key, inner }
     }

@@ -1,0 +1,195 @@
+//! Mutual TLS between two real agents in one process: requests cross the agent-to-agent hop over TLS with
+//! certificates from `meshd`'s own PKI code; a plaintext client, an agent of another mesh and a node that is not
+//! the one owning the endpoint are refused, counted, and reach no upstream.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use common::*;
+use http::StatusCode;
+use meshd::config::Protocol;
+use meshd::routing::{DEFAULT_WEIGHT, EndpointSpec, Update};
+use meshd::tls::identity::TrustDomain;
+use meshd::tls::pki::LoadedCa;
+
+/// Writes `dir/ca.crt` and, for each node, `dir/<node>.crt` and `.key`.
+fn pki(dir: &Path, nodes: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = LoadedCa::generate(&TrustDomain::parse("mesh.test").unwrap(), 30).unwrap();
+    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+    for node in nodes {
+        let host = ca.issue(node, 30, &[], &[]).unwrap();
+        std::fs::write(dir.join(format!("{node}.crt")), host.cert_pem).unwrap();
+        std::fs::write(dir.join(format!("{node}.key")), host.key_pem).unwrap();
+    }
+}
+
+fn tls_section(dir: &Path, node: &str) -> String {
+    format!(
+        "[tls]\ntrust_domain = \"mesh.test\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.join("ca.crt").display(),
+        dir.join(format!("{node}.crt")).display(),
+        dir.join(format!("{node}.key")).display()
+    )
+}
+
+/// An agent at `ip` (node `node-<ip>`) with TLS from `dir`, and no plaintext peers.
+async fn tls_agent(ip: &str, dir: &Path, extra: &str) -> Agent {
+    let cfg = agent_config(
+        ip,
+        &format!("{extra}{}", tls_section(dir, &format!("node-{ip}"))),
+    )
+    .replace("insecure_plaintext = true", "insecure_plaintext = false");
+    start(meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))).await
+}
+
+/// Tells `a` that `node` at `inbound` owns `service` at `addr`.
+async fn learn(
+    a: &Agent,
+    node: &str,
+    inbound: std::net::SocketAddr,
+    service: &str,
+    addr: std::net::SocketAddr,
+) {
+    let mut table = a.table.clone();
+    a.routing.update(Update::SetRemote {
+        node: node.into(),
+        inbound,
+        endpoints: vec![EndpointSpec {
+            service: service.into(),
+            addr,
+            protocol: Protocol::Http,
+            weight: DEFAULT_WEIGHT,
+        }],
+    });
+    table
+        .wait_for(|t| t.service(service).is_some_and(|s| !s.endpoints.is_empty()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn requests_cross_agents_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["node-127.0.0.12", "node-127.0.0.13"]);
+    let backend = backend("far").await;
+    let b = tls_agent(
+        "127.0.0.12",
+        dir.path(),
+        &format!(
+            "[[discovery.static]]\nservice = \"far\"\nendpoints = [\"{}\"]\n",
+            backend.addr
+        ),
+    )
+    .await;
+    let a = tls_agent("127.0.0.13", dir.path(), "[services.far]\n").await;
+    learn(&a, "node-127.0.0.12", b.inbound, "far", backend.addr).await;
+
+    for i in 0..20 {
+        let got = get(&a, "far", &format!("/over-tls/{i}")).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        assert_eq!(got.header("x-backend"), "far");
+    }
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 20);
+    // One pooled connection carried them all: a single handshake.
+    let m = metrics(&a).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_upstream_connects_total{protocol=\"http2\",result=\"ok\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    for agent in [&a, &b] {
+        let m = metrics(agent).await;
+        assert!(!m.contains("meshd_tls_handshake_errors_total{"), "{m}");
+    }
+
+    // A plaintext HTTP/2 client at B's inbound port: no request gets through, and B counts why.
+    let before = backend.requests.load(Ordering::SeqCst);
+    let plain = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
+    let h2 = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(plain),
+    )
+    .await;
+    if let Ok((mut send, conn)) = h2 {
+        tokio::spawn(conn);
+        let req = http::Request::get("http://far/plain")
+            .header("mesh-service", "far")
+            .header("mesh-endpoint", backend.addr.to_string())
+            .body(full(""))
+            .unwrap();
+        assert!(
+            send.send_request(req).await.is_err(),
+            "a plaintext request was answered"
+        );
+    }
+    let m = metrics(&b).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"inbound\",reason=\"protocol\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(backend.requests.load(Ordering::SeqCst), before);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn another_mesh_or_the_wrong_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(
+        &dir.path().join("mesh"),
+        &["node-127.0.0.14", "node-127.0.0.15"],
+    );
+    pki(&dir.path().join("other"), &["node-127.0.0.16"]);
+    let backend = backend("far").await;
+    let b = tls_agent(
+        "127.0.0.14",
+        &dir.path().join("mesh"),
+        &format!(
+            "[[discovery.static]]\nservice = \"far\"\nendpoints = [\"{}\"]\n",
+            backend.addr
+        ),
+    )
+    .await;
+
+    // An agent of another mesh (its own CA): it cannot verify B, and nothing reaches the backend.
+    let c = tls_agent("127.0.0.16", &dir.path().join("other"), "[services.far]\n").await;
+    learn(&c, "node-127.0.0.14", b.inbound, "far", backend.addr).await;
+    let got = get(&c, "far", "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+    let m = metrics(&c).await;
+    assert!(
+        sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"outbound\",reason=\"unknown-ca\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // A member of this mesh that believes the endpoint belongs to node-x: B proves it is not node-x.
+    let a = tls_agent("127.0.0.15", &dir.path().join("mesh"), "[services.far]\n").await;
+    learn(&a, "node-x", b.inbound, "far", backend.addr).await;
+    let got = get(&a, "far", "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
+    let m = metrics(&a).await;
+    assert!(
+        sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"outbound\",reason=\"wrong-node\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 0);
+    for agent in [a, b, c] {
+        agent.stop().await;
+    }
+}
