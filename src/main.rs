@@ -203,6 +203,18 @@ fn load(path: &PathBuf) -> Result<Config, ExitCode> {
         eprint!("meshd: {}: {errs}", path.display());
         ExitCode::from(EXIT_CONFIG as u8)
     })?;
+    // Agents talk to each other over mutual TLS; plaintext only when asked for by name.
+    if cfg.tls.is_none() && !cfg.inbound.insecure_plaintext {
+        eprintln!(
+            "meshd: {}: tls: missing. Agents accept each other only over mutual TLS. Make a CA once and a \
+             certificate per host:\n  meshd ca init --trust-domain mesh.example.com --out ./mesh-ca\n  \
+             meshd cert issue --ca ./mesh-ca --node <this host's [node] name> --out ./hosts\nthen add a [tls] \
+             section (trust_domain, ca, cert, key; docs/security.md). On a trusted test network only, set \
+             inbound.insecure_plaintext = true instead.",
+            path.display()
+        );
+        return Err(ExitCode::from(EXIT_CONFIG as u8));
+    }
     // The files [tls] names: read and checked together, each problem with its key.
     if let Err(problems) = meshd::tls::load(&cfg) {
         eprintln!("meshd: {}: problems with the [tls] files:", path.display());

@@ -110,7 +110,21 @@ fn check_config_reports_every_problem_and_exits_64() {
     assert!(err.contains("node.nmae (line 2): unknown key"), "{err}");
     assert!(err.contains("outbund (line 3): unknown key"), "{err}");
 
-    let good = write_config("[defaults]\ntimeout = \"3s\"\n");
+    // Without [tls], a config must ask for plaintext between agents by name.
+    let no_tls = write_config("[defaults]\ntimeout = \"3s\"\n");
+    let out = Command::new(MESHD)
+        .args(["check-config", "--config"])
+        .arg(&no_tls.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls: missing") && err.contains("meshd ca init"),
+        "{err}"
+    );
+
+    let good = write_config("[defaults]\ntimeout = \"3s\"\n[inbound]\ninsecure_plaintext = true\n");
     let out = Command::new(MESHD)
         .args(["check-config", "--config"])
         .arg(&good.0)
@@ -589,7 +603,7 @@ fn log_format_json_and_rust_log_override() {
         .local_addr()
         .unwrap();
     let quiet = write_config(&format!(
-        "[node]\nname = \"quiet\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"{admin}\"\n[log]\nformat = \"json\"\nlevel = \"error\"\n"
+        "[node]\nname = \"quiet\"\n[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"{admin}\"\n[log]\nformat = \"json\"\nlevel = \"error\"\n"
     ));
     let mut child = Command::new(MESHD)
         .args(["run", "--config"])
