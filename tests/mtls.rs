@@ -37,11 +37,19 @@ fn tls_section(dir: &Path, node: &str) -> String {
 
 /// An agent at `ip` (node `node-<ip>`) with TLS from `dir`, and no plaintext peers.
 async fn tls_agent(ip: &str, dir: &Path, extra: &str) -> Agent {
+    tls_agent_with(ip, dir, extra, "").await
+}
+
+/// As [`tls_agent`], with `inbound` keys added to `[inbound]`.
+async fn tls_agent_with(ip: &str, dir: &Path, extra: &str, inbound: &str) -> Agent {
     let cfg = agent_config(
         ip,
         &format!("{extra}{}", tls_section(dir, &format!("node-{ip}"))),
     )
-    .replace("insecure_plaintext = true", "insecure_plaintext = false");
+    .replace(
+        "insecure_plaintext = true",
+        &format!("insecure_plaintext = false\n{inbound}"),
+    );
     start(meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))).await
 }
 
@@ -192,4 +200,30 @@ async fn another_mesh_or_the_wrong_node_is_refused() {
     for agent in [a, b, c] {
         agent.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_peer_that_stalls_in_the_handshake_is_cut_off_and_counted() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["node-127.0.0.17"]);
+    let b = tls_agent_with("127.0.0.17", dir.path(), "", "header_timeout = \"1s\"").await;
+    // Connects, sends the first bytes of a TLS record header, and waits.
+    let mut s = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, &[0x16, 0x03, 0x01])
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    let m = metrics(&b).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"inbound\",reason=\"handshake-timeout\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    b.stop().await;
 }
