@@ -104,7 +104,7 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
         .unwrap();
     std::fs::write(
         &cfg,
-        format!("[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"{admin}\"\n"),
+        format!("[outbound]\nlisten = [\"127.0.0.1:0\"]\n[inbound]\nlisten = \"127.0.0.1:0\"\ninsecure_plaintext = true\n[admin]\nlisten = \"{admin}\"\n"),
     )
     .unwrap();
     // Started with the usual soft limit of 1024.
