@@ -23,6 +23,13 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Runs `args` and checks it exits with `code` saying `want`.
+fn refused(args: &[&str], code: i32, want: &str) {
+    let o = meshd(args);
+    assert_eq!(o.status.code(), Some(code), "{args:?}: {}", text(&o));
+    assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -240,9 +247,7 @@ fn bad_input_is_named_and_exits_64() {
         ),
     ];
     for (args, want) in &cases {
-        let o = meshd(args);
-        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", text(&o));
-        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+        refused(args, 64, want);
     }
     assert!(
         !ca.exists() && !out.exists(),
@@ -255,11 +260,13 @@ fn bad_input_is_named_and_exits_64() {
             .status
             .success()
     );
-    let o = meshd(&[
-        "cert", "issue", "--ca", ca_s, "--node", "../x", "--out", out_s,
-    ]);
-    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
-    assert!(text(&o).contains("node name"), "{}", text(&o));
+    refused(
+        &[
+            "cert", "issue", "--ca", ca_s, "--node", "../x", "--out", out_s,
+        ],
+        64,
+        "node name",
+    );
 
     let other = dir.path().join("other");
     assert!(
@@ -278,36 +285,40 @@ fn bad_input_is_named_and_exits_64() {
     std::fs::create_dir(&mixed).unwrap();
     std::fs::copy(ca.join("ca.crt"), mixed.join("ca.crt")).unwrap();
     std::fs::copy(other.join("ca.key"), mixed.join("ca.key")).unwrap();
-    let o = meshd(&[
-        "cert",
-        "issue",
-        "--ca",
-        mixed.to_str().unwrap(),
-        "--node",
-        "a",
-        "--out",
-        out_s,
-    ]);
-    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
-    assert!(text(&o).contains("does not match"), "{}", text(&o));
+    refused(
+        &[
+            "cert",
+            "issue",
+            "--ca",
+            mixed.to_str().unwrap(),
+            "--node",
+            "a",
+            "--out",
+            out_s,
+        ],
+        64,
+        "does not match",
+    );
 
     std::fs::write(
         mixed.join("ca.key"),
         "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    let o = meshd(&[
-        "cert",
-        "issue",
-        "--ca",
-        mixed.to_str().unwrap(),
-        "--node",
-        "a",
-        "--out",
-        out_s,
-    ]);
-    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
-    assert!(text(&o).contains("ca.key"), "{}", text(&o));
+    refused(
+        &[
+            "cert",
+            "issue",
+            "--ca",
+            mixed.to_str().unwrap(),
+            "--node",
+            "a",
+            "--out",
+            out_s,
+        ],
+        64,
+        "ca.key",
+    );
 
     // A host certificate is not a CA.
     assert!(
@@ -319,18 +330,20 @@ fn bad_input_is_named_and_exits_64() {
     std::fs::create_dir(&fake).unwrap();
     std::fs::copy(out.join("h.crt"), fake.join("ca.crt")).unwrap();
     std::fs::copy(out.join("h.key"), fake.join("ca.key")).unwrap();
-    let o = meshd(&[
-        "cert",
-        "issue",
-        "--ca",
-        fake.to_str().unwrap(),
-        "--node",
-        "a",
-        "--out",
-        out_s,
-    ]);
-    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
-    assert!(text(&o).contains("not a CA certificate"), "{}", text(&o));
+    refused(
+        &[
+            "cert",
+            "issue",
+            "--ca",
+            fake.to_str().unwrap(),
+            "--node",
+            "a",
+            "--out",
+            out_s,
+        ],
+        64,
+        "not a CA certificate",
+    );
     assert!(!out.join("a.crt").exists());
 }
 

@@ -64,6 +64,21 @@ fn leaf_identity(leaf: &CertificateDer<'_>, td: &TrustDomain) -> Result<NodeId, 
     node_of(&x509, td).map_err(Refusal::Identity)
 }
 
+/// Both sides' order of checks, the leaf parsed once: a CA certificate as the leaf gets its own reason, before
+/// the chain check (`chain`, WebPKI) gives its generic one; then the identity.
+fn verify_leaf(
+    leaf: &CertificateDer<'_>,
+    td: &TrustDomain,
+    chain: impl FnOnce() -> Result<(), Error>,
+) -> Result<NodeId, Error> {
+    let identity = leaf_identity(leaf, td);
+    if let Err(Refusal::CaAsLeaf) = identity {
+        return Err(refuse(Refusal::CaAsLeaf));
+    }
+    chain()?;
+    identity.map_err(refuse)
+}
+
 /// The node a verified peer certificate names (for attaching to requests after the handshake).
 pub fn peer_node(leaf: &CertificateDer<'_>, td: &TrustDomain) -> Option<NodeId> {
     leaf_identity(leaf, td).ok()
@@ -108,13 +123,11 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        // A CA certificate as the leaf gets its own reason, before WebPKI's generic one.
-        if let Err(Refusal::CaAsLeaf) = leaf_identity(end_entity, &self.td) {
-            return Err(refuse(Refusal::CaAsLeaf));
-        }
-        self.webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
-        leaf_identity(end_entity, &self.td).map_err(refuse)?;
+        verify_leaf(end_entity, &self.td, || {
+            self.webpki
+                .verify_client_cert(end_entity, intermediates, now)
+                .map(|_| ())
+        })?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -176,18 +189,16 @@ impl ServerCertVerifier for NodeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        if let Err(Refusal::CaAsLeaf) = leaf_identity(end_entity, &self.td) {
-            return Err(refuse(Refusal::CaAsLeaf));
-        }
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        let id = leaf_identity(end_entity, &self.td).map_err(refuse)?;
+        let id = verify_leaf(end_entity, &self.td, || {
+            let parsed = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &self.roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )
+        })?;
         if id.node != self.expected {
             return Err(refuse(Refusal::WrongNode {
                 expected: self.expected.clone(),

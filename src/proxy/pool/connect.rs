@@ -70,8 +70,8 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
     Ok(stream)
 }
 
-/// Connects to a peer agent's inbound listener: TCP, then mutual TLS proving `node` when `tls` is set (all
-/// within `timeout`), else plaintext.
+/// Connects for an HTTP/2 pool: TCP, then, toward a peer agent (`node` set) when `tls` is set, mutual TLS proving
+/// that node, all within `timeout`; plaintext otherwise (a local h2c endpoint, or peers without `[tls]`).
 pub async fn peer(
     addr: SocketAddr,
     timeout: Duration,
