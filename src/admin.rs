@@ -38,6 +38,8 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     /// Docker discovery's state (`enabled: false` when it is off).
     pub docker: watch::Receiver<crate::discovery::docker::Status>,
+    /// Mutual TLS with peer agents, when on: `/v1/config` shows the certificate in use.
+    pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -127,6 +129,22 @@ async fn config(State(s): State<AdminState>) -> Json<Value> {
     let config = s.config.borrow().clone();
     let mut v = serde_json::to_value(&*config).unwrap_or(Value::Null);
     redact(&mut v);
+    if let Some(tls) = &s.tls {
+        let m = tls.material();
+        if v["tls"].is_null() {
+            // `meshd dev`: no files.
+            v["tls"] = json!({"source": "in-memory CA (meshd dev)", "trust_domain": m.id.trust_domain.as_str()});
+        }
+        // The certificate in use, which a reload may have replaced since start; never the key.
+        v["tls"]["certificate"] = json!({
+            "spiffe_id": m.id.uri(),
+            "subject": m.subject,
+            "issuer": m.issuer,
+            "not_after": m.expires(),
+            "days_left": m.days_left(),
+        });
+        v["tls"]["trusted_cas"] = json!(m.anchors);
+    }
     Json(v)
 }
 

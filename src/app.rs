@@ -77,8 +77,16 @@ fn raise_open_file_limit(config: &Config) {
     }
 }
 
-/// Binds every listener and prepares the subsystems.
+/// Binds every listener and prepares the subsystems, with the `[tls]` files of `config` when it has them.
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    build_with(config, None).await
+}
+
+/// As [`build`], with TLS material made elsewhere (`meshd dev`'s in-memory CA) when `material` is given.
+pub async fn build_with(
+    config: Config,
+    material: Option<crate::tls::material::Material>,
+) -> anyhow::Result<Bound> {
     raise_open_file_limit(&config);
     let mut outbound_listeners = Vec::new();
     for (i, addr) in config.outbound.listen.iter().enumerate() {
@@ -86,23 +94,24 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     }
     let inbound_listener = bind(config.inbound.listen, "inbound.listen").await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
-    let tls = crate::tls::load(&config).map_err(|problems| {
-        let list: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
-        anyhow::anyhow!("[tls]: {}", list.join("; "))
-    })?;
+    let loaded = match material {
+        Some(m) => Some((m, None)),
+        None => crate::tls::load(&config)
+            .map_err(|problems| {
+                let list: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+                anyhow::anyhow!("[tls]: {}", list.join("; "))
+            })?
+            .map(|(m, files)| (m, Some(files))),
+    };
     let metrics = Metrics::new();
-    if let Some(m) = &tls {
-        metrics
-            .tls_cert_expiry
-            .with_label_values(&[&m.id.uri()])
-            .set(m.not_after as f64);
-        warn_if_expiring(m);
-    }
-    let tls = match tls {
-        Some(m) => Some(Arc::new(
-            crate::tls::peers::PeerTls::new(m, metrics.tls_handshake_errors.clone())
-                .map_err(|e| anyhow::anyhow!("[tls]: {e}"))?,
-        )),
+    let tls = match loaded {
+        Some((m, files)) => {
+            m.warn_if_expiring();
+            Some(Arc::new(
+                crate::tls::peers::PeerTls::new(m, files, metrics.tls.clone())
+                    .map_err(|e| anyhow::anyhow!("[tls]: {e}"))?,
+            ))
+        }
         None => None,
     };
     let (router, routing, table) = Router::new();
@@ -124,21 +133,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         router,
         tls,
     })
-}
-
-/// Logs a warning when this host's certificate expires within 14 days.
-fn warn_if_expiring(m: &crate::tls::material::Material) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let left = m.not_after - now;
-    if left < 14 * 86_400 {
-        tracing::warn!(
-            spiffe_id = %m.id,
-            days_left = left / 86_400,
-            "this host's mesh certificate expires within 14 days: issue a new one with `meshd cert issue`"
-        );
-    }
 }
 
 impl Bound {
@@ -184,9 +178,19 @@ impl Bound {
             reload_rx,
             config_tx,
             routing.clone(),
+            tls.clone(),
             metrics.config_reload_failures.clone(),
             stop_router.clone(),
         ));
+        // New certificate files are picked up when they change on disk, too.
+        let tls_watcher = match (&tls, &config.tls) {
+            (Some(t), Some(_)) => Some(tokio::spawn(crate::tls::reload::watch(
+                t.clone(),
+                config_rx.clone(),
+                stop_router.clone(),
+            ))),
+            _ => None,
+        };
         let table_watch = {
             let mut table = table.clone();
             let gauge = metrics.discovery.endpoints.clone();
@@ -257,7 +261,7 @@ impl Bound {
             ));
         }
         if let Some(t) = &tls {
-            tracing::info!(identity = %t.material.id, "the inbound listener accepts peer agents over mutual TLS");
+            tracing::info!(identity = %t.material().id, "the inbound listener accepts peer agents over mutual TLS");
         } else if config.inbound.insecure_plaintext {
             tracing::warn!(
                 "inbound.insecure_plaintext = true: peer agents are accepted over plaintext HTTP/2 without \
@@ -265,8 +269,8 @@ impl Bound {
             );
         } else {
             tracing::warn!(
-                "the inbound listener refuses every request: mutual TLS between agents is not available in this \
-                 version; set inbound.insecure_plaintext = true to accept plaintext peers (tests only)"
+                "the inbound listener refuses every request: there is no [tls] section; add one (see \
+                 docs/security.md) or set inbound.insecure_plaintext = true to accept plaintext peers (tests only)"
             );
         }
         proxies.spawn(server::serve(
@@ -296,6 +300,7 @@ impl Bound {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             docker: docker_status,
+            tls: tls.clone(),
         });
         let admin_task = tokio::spawn(server::serve_with(
             admin_listener,
@@ -337,6 +342,9 @@ impl Bound {
         let _ = admin_task.await;
         let _ = router_task.await;
         let _ = reloader.await;
+        if let Some(t) = tls_watcher {
+            let _ = t.await;
+        }
         if let Some(t) = docker_task {
             let _ = t.await;
         }

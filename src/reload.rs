@@ -2,8 +2,12 @@
 //! every reader at once (policies apply to new requests; connections and endpoint statistics stay); an
 //! invalid one is refused with its list of problems, counted, and the old one stays.
 //!
-//! Owns the config `watch` sender. Listener addresses and limits, the node name, Docker discovery and logging
-//! are read once at start: a change to them is reported as needing a restart.
+//! Each reload also re-reads the `[tls]` files ([`crate::tls::reload`]): new ones are put in use for new
+//! connections; refused ones leave the running certificate in place and make the reload report the refusal.
+//!
+//! Owns the config `watch` sender. Listener addresses and limits, the node name, Docker discovery, logging and
+//! the TLS identity (on or off, trust domain) are read once at start: a change to them is reported as needing
+//! a restart.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -15,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::discovery::static_file;
 use crate::routing::{RoutingHandle, Source, Update};
+use crate::tls::peers::PeerTls;
+use crate::tls::reload::Outcome;
 
 /// A reload request; the reply says what happened.
 pub type Request = oneshot::Sender<Result<String, String>>;
@@ -35,6 +41,7 @@ pub async fn run(
     mut requests: mpsc::Receiver<Request>,
     config: watch::Sender<Arc<Config>>,
     routing: RoutingHandle,
+    tls: Option<Arc<PeerTls>>,
     failures: prometheus::IntCounter,
     shutdown: CancellationToken,
 ) {
@@ -45,31 +52,57 @@ pub async fn run(
             r = requests.recv() => match r { Some(r) => Some(r), None => return },
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => None,
         };
-        let result = reload(path.as_ref(), &config, &routing);
-        match &result {
-            Ok(summary) => tracing::info!(%summary, "configuration reloaded"),
-            Err(problems) => {
+        let result = match reload(path.as_ref(), &config, &routing, tls.as_deref()) {
+            Ok(summary) => {
+                tracing::info!(%summary, "configuration reloaded");
+                Ok(summary)
+            }
+            Err(Refused::Config(problems)) => {
                 failures.inc();
                 tracing::error!(%problems, "configuration reload refused; keeping the running configuration");
+                Err(problems)
             }
-        }
+            // Counted in meshd_tls_reload_failures_total by the TLS reload itself.
+            Err(Refused::Tls { problems, summary }) => {
+                tracing::error!(
+                    %problems,
+                    "the [tls] files are refused; the running certificate stays in use (the rest of the \
+                     configuration was applied)"
+                );
+                Err(format!(
+                    "tls: refused, the running certificate stays in use: {problems} (the rest of the \
+                     configuration was {summary})"
+                ))
+            }
+        };
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
     }
 }
 
+/// Why a reload was refused.
+enum Refused {
+    /// The config file: nothing was applied.
+    Config(String),
+    /// The `[tls]` files: the rest of the config was applied (`summary`), the running certificate stays.
+    Tls { problems: String, summary: String },
+}
+
 fn reload(
     path: Option<&PathBuf>,
     config: &watch::Sender<Arc<Config>>,
     routing: &RoutingHandle,
-) -> Result<String, String> {
+    tls: Option<&PeerTls>,
+) -> Result<String, Refused> {
     let Some(path) = path else {
-        return Err("meshd was started without a config file: nothing to reload".into());
+        return Err(Refused::Config(
+            "meshd was started without a config file: nothing to reload".into(),
+        ));
     };
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut new = Config::from_toml(&text).map_err(|e| e.to_string())?;
+        .map_err(|e| Refused::Config(format!("cannot read {}: {e}", path.display())))?;
+    let mut new = Config::from_toml(&text).map_err(|e| Refused::Config(e.to_string()))?;
     let old = config.borrow().clone();
     let mut restart = Vec::new();
     if new.outbound.listen != old.outbound.listen {
@@ -95,9 +128,28 @@ fn reload(
     if new.discovery.docker != old.discovery.docker {
         restart.push("discovery.docker");
     }
-    // The [tls] files are read at start (hot reload of certificates is still to come).
-    if new.tls != old.tls {
+    // New file paths apply; turning TLS on or off, or another trust domain, needs a restart.
+    let same_identity = match (&new.tls, &old.tls) {
+        (Some(n), Some(o)) => n.trust_domain == o.trust_domain,
+        (n, o) => n == o,
+    };
+    if !same_identity {
         restart.push("tls");
+        new.tls = old.tls.clone();
+    }
+    // Re-read the certificate files (SIGHUP is how an operator says they changed) before the new config is
+    // published, so /v1/config never names files that are not in use.
+    let mut tls_refused = None;
+    let mut tls_note = None;
+    if let (Some(tls), Some(t)) = (tls, &new.tls) {
+        match crate::tls::reload::reload(tls, t) {
+            Ok(Outcome::Unchanged) => {}
+            Ok(Outcome::Replaced) => tls_note = Some("new TLS certificate files in use"),
+            Err(problems) => {
+                tls_refused = Some(problems);
+                new.tls = old.tls.clone();
+            }
+        }
     }
     // Settings read only at start keep their running values, so /v1/config shows what is in effect.
     new.outbound.listen = old.outbound.listen.clone();
@@ -108,14 +160,19 @@ fn reload(
     new.node = old.node.clone();
     new.log = old.log.clone();
     new.discovery.docker = old.discovery.docker.clone();
-    new.tls = old.tls.clone();
     apply_to_routing(&new, routing);
     config.send_replace(Arc::new(new));
-    Ok(if restart.is_empty() {
-        "applied".to_string()
-    } else {
+    let mut summary = "applied".to_string();
+    if let Some(note) = tls_note {
+        summary = format!("{summary}; {note}");
+    }
+    if !restart.is_empty() {
         let keys = restart.join(", ");
         tracing::warn!(keys = %keys, "these settings changed but take effect only after a restart");
-        format!("applied; {keys} take effect after a restart")
-    })
+        summary = format!("{summary}; {keys} take effect after a restart");
+    }
+    match tls_refused {
+        Some(problems) => Err(Refused::Tls { problems, summary }),
+        None => Ok(summary),
+    }
 }

@@ -227,3 +227,85 @@ async fn a_peer_that_stalls_in_the_handshake_is_cut_off_and_counted() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_stalled_and_garbage_handshakes_is_cut_off_while_peers_get_through() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &["node-127.0.0.18", "node-127.0.0.19"]);
+    let backend = backend("far").await;
+    let b = tls_agent_with(
+        "127.0.0.18",
+        dir.path(),
+        &format!(
+            "[[discovery.static]]\nservice = \"far\"\nendpoints = [\"{}\"]\n",
+            backend.addr
+        ),
+        "header_timeout = \"5s\"",
+    )
+    .await;
+
+    // A thousand connections that start a handshake and stall, and fifty that send garbage.
+    const STALLED: usize = 1000;
+    const GARBAGE: usize = 50;
+    let mut held = Vec::new();
+    for _ in 0..STALLED {
+        let mut s = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
+        s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        held.push(s);
+    }
+    for i in 0..GARBAGE {
+        let mut s = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
+        let _ = s
+            .write_all(format!("GET /{i} HTTP/1.1\r\nHost: far\r\n\r\n").as_bytes())
+            .await;
+        held.push(s);
+    }
+
+    // Meanwhile a real peer connects and its requests go through.
+    let a = tls_agent("127.0.0.19", dir.path(), "[services.far]\n").await;
+    learn(&a, "node-127.0.0.18", b.inbound, "far", backend.addr).await;
+    for i in 0..20 {
+        let got = get(&a, "far", &format!("/during-flood/{i}")).await;
+        assert_eq!(got.status, StatusCode::OK, "{got:?}");
+    }
+    let m = metrics(&b).await;
+    assert_eq!(
+        sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"inbound\",reason=\"handshake-timeout\"}"
+        ),
+        0.0,
+        "the stalled handshakes were cut off before the peer's requests were done: the test proves nothing\n{m}"
+    );
+
+    // Every stalled one is cut off at the handshake timeout and counted; the garbage was refused at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = metrics(&b).await;
+        let timed_out = sample(
+            &m,
+            "meshd_tls_handshake_errors_total{direction=\"inbound\",reason=\"handshake-timeout\"}",
+        );
+        if timed_out as usize == STALLED {
+            assert_eq!(
+                sample(
+                    &m,
+                    "meshd_tls_handshake_errors_total{direction=\"inbound\",reason=\"protocol\"}"
+                ) as usize,
+                GARBAGE,
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{timed_out} of {STALLED} stalled handshakes cut off\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 20);
+    drop(held);
+    a.stop().await;
+    b.stop().await;
+}

@@ -12,8 +12,9 @@
 //!   common client pools keep idle connections, so meshd is not the one closing a connection a client is about
 //!   to reuse;
 //! - heads fit in [`MAX_HEADER_BYTES`] with at most [`MAX_HEADERS`] fields (hyper answers 431 beyond); HTTP/2
-//!   allows [`MAX_CONCURRENT_STREAMS`] streams and a [`MAX_HEADER_LIST`] header list, with hyper's
-//!   reset-stream limits on.
+//!   allows [`MAX_CONCURRENT_STREAMS`] streams ([`PEER_MAX_CONCURRENT_STREAMS`] on a mutual-TLS listener, whose
+//!   every client is an authenticated agent) and a [`MAX_HEADER_LIST`] header list, with hyper's reset-stream
+//!   limits on.
 //!
 //! hyper's own header timeout is not used: it also runs while a keep-alive connection waits for its next
 //! request, which would make the idle timeout and the header timeout one setting.
@@ -56,8 +57,11 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields in an HTTP/1 request. This is hyper's own default, left implicit on purpose: setting it
 /// explicitly (even to the same value) makes hyper fill a 100-entry array on every request.
 pub const MAX_HEADERS: usize = 100;
-/// Concurrent HTTP/2 streams per connection.
+/// Concurrent HTTP/2 streams per connection from a client meshd knows nothing about (apps, plaintext peers).
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Concurrent HTTP/2 streams per connection from a peer agent that proved its node identity: an agent
+/// multiplexes every request its host sends to this one over few connections, so it gets more room.
+pub const PEER_MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Largest HTTP/2 header list.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
@@ -194,7 +198,7 @@ pub struct Options {
     pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
 }
 
-fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
+fn builder(versions: Versions, streams: u32) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -203,7 +207,7 @@ fn builder(versions: Versions) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(streams)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
@@ -257,7 +261,11 @@ pub async fn serve_with<M, S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = Arc::new(builder(opts.versions));
+    let streams = match opts.tls {
+        Some(_) => PEER_MAX_CONCURRENT_STREAMS,
+        None => MAX_CONCURRENT_STREAMS,
+    };
+    let builder = Arc::new(builder(opts.versions, streams));
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
     let live = Arc::new(Live::default());

@@ -41,10 +41,56 @@ pub struct Metrics {
     pub tunnels: TunnelMetrics,
     /// `meshd_config_reload_failures_total`
     pub config_reload_failures: prometheus::IntCounter,
-    /// `meshd_tls_cert_expiry_timestamp_seconds{spiffe_id}`: this host's certificate (only with `[tls]`).
-    pub tls_cert_expiry: prometheus::GaugeVec,
+    pub tls: TlsMetrics,
+}
+
+/// Mutual TLS with peer agents.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    /// `meshd_tls_cert_expiry_timestamp_seconds{spiffe_id}`: this host's certificate (only with TLS on).
+    pub cert_expiry: prometheus::GaugeVec,
     /// `meshd_tls_handshake_errors_total{direction,reason}`
-    pub tls_handshake_errors: prometheus::IntCounterVec,
+    pub handshake_errors: IntCounterVec,
+    /// `meshd_tls_handshakes_total{direction,kind}`: completed handshakes, `kind` = `full` | `resumed`.
+    pub handshakes: IntCounterVec,
+    /// `meshd_tls_reload_failures_total`: new certificate files refused (the running ones stay).
+    pub reload_failures: prometheus::IntCounter,
+}
+
+impl TlsMetrics {
+    fn new(reg: &prometheus::Registry) -> TlsMetrics {
+        let cert_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "meshd_tls_cert_expiry_timestamp_seconds",
+                "When this host's mesh certificate expires (Unix time)",
+            ),
+            &["spiffe_id"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(reg, cert_expiry.clone());
+        let reload_failures = prometheus::IntCounter::new(
+            "meshd_tls_reload_failures_total",
+            "Reloads of the [tls] files refused (unreadable, broken or mismatched); the running certificate stays",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(reg, reload_failures.clone());
+        TlsMetrics {
+            cert_expiry,
+            handshake_errors: counter(
+                reg,
+                "meshd_tls_handshake_errors_total",
+                "TLS handshakes with peer agents that failed, by side and reason",
+                &["direction", "reason"],
+            ),
+            handshakes: counter(
+                reg,
+                "meshd_tls_handshakes_total",
+                "TLS handshakes with peer agents that completed, by side and kind (full or resumed)",
+                &["direction", "kind"],
+            ),
+            reload_failures,
+        }
+    }
 }
 
 impl Metrics {
@@ -70,24 +116,7 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, config_reload_failures.clone());
-        let tls_cert_expiry = prometheus::GaugeVec::new(
-            Opts::new(
-                "meshd_tls_cert_expiry_timestamp_seconds",
-                "When this host's mesh certificate expires (Unix time)",
-            ),
-            &["spiffe_id"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        register(&inner, tls_cert_expiry.clone());
-        let tls_handshake_errors = prometheus::IntCounterVec::new(
-            Opts::new(
-                "meshd_tls_handshake_errors_total",
-                "TLS handshakes with peer agents that failed, by side and reason",
-            ),
-            &["direction", "reason"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        register(&inner, tls_handshake_errors.clone());
+        let tls = TlsMetrics::new(&inner);
         Metrics {
             inner,
             proxy,
@@ -96,8 +125,7 @@ impl Metrics {
             upstream,
             tunnels,
             config_reload_failures,
-            tls_cert_expiry,
-            tls_handshake_errors,
+            tls,
         }
     }
 

@@ -18,6 +18,9 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The host certificate's remaining lifetime below which meshd warns, at start and daily.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
 /// ALPN: agents speak HTTP/2 to each other.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -46,6 +49,8 @@ pub struct Material {
     pub subject: String,
     pub issuer: String,
     pub not_after: i64,
+    /// The subjects of the CA certificates this host trusts, in bundle order.
+    pub anchors: Vec<String>,
 }
 
 impl Material {
@@ -64,6 +69,7 @@ impl Material {
         let mut problems = Vec::new();
 
         let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
         match CertificateDer::pem_slice_iter(ca).collect::<Result<Vec<_>, _>>() {
             Ok(certs) if certs.is_empty() => problems.push((
                 Part::Ca,
@@ -73,12 +79,13 @@ impl Material {
                 for (i, c) in certs.into_iter().enumerate() {
                     // A trust anchor is trusted as is: only a mesh CA of this trust domain may be one (a host
                     // certificate pasted here could otherwise mint any node's identity).
-                    if let Err(e) = check_anchor(&c, td) {
-                        problems
-                            .push((Part::Ca, format!("{}: certificate {}: {e}", src.ca, i + 1)));
-                    } else if let Err(e) = roots.add(c) {
-                        problems
-                            .push((Part::Ca, format!("{}: certificate {}: {e}", src.ca, i + 1)));
+                    let added = check_anchor(&c, td).and_then(|subject| {
+                        roots.add(c).map(|()| subject).map_err(|e| e.to_string())
+                    });
+                    match added {
+                        Ok(subject) => anchors.push(subject),
+                        Err(e) => problems
+                            .push((Part::Ca, format!("{}: certificate {}: {e}", src.ca, i + 1))),
                     }
                 }
             }
@@ -203,7 +210,46 @@ impl Material {
             subject,
             issuer,
             not_after,
+            anchors,
         })
+    }
+
+    /// The host certificate's expiry as RFC 3339 (UTC).
+    pub fn expires(&self) -> String {
+        match time::OffsetDateTime::from_unix_timestamp(self.not_after) {
+            Ok(t) => format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            ),
+            Err(_) => self.not_after.to_string(),
+        }
+    }
+
+    /// Whole days until the host certificate expires (negative once it has).
+    pub fn days_left(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        (self.not_after - now).div_euclid(86_400)
+    }
+
+    /// Logs a warning when the host certificate expires within [`EXPIRY_WARNING_DAYS`] days.
+    pub fn warn_if_expiring(&self) {
+        let days_left = self.days_left();
+        if days_left < EXPIRY_WARNING_DAYS {
+            tracing::warn!(
+                spiffe_id = %self.id,
+                expires = %self.expires(),
+                days_left,
+                "this host's mesh certificate expires within {EXPIRY_WARNING_DAYS} days: issue a new one with \
+                 `meshd cert issue` and replace the files (meshd picks them up without a restart)"
+            );
+        }
     }
 
     /// The inbound side: peers must present a node certificate of this trust domain.
@@ -239,15 +285,16 @@ impl Material {
     }
 }
 
-/// Whether `der` can be a trust anchor of `td`: a CA certificate whose one URI SAN is `spiffe://<td>`.
-fn check_anchor(der: &CertificateDer<'_>, td: &TrustDomain) -> Result<(), String> {
+/// Whether `der` can be a trust anchor of `td`: a CA certificate whose one URI SAN is `spiffe://<td>`. Its
+/// subject when it can.
+fn check_anchor(der: &CertificateDer<'_>, td: &TrustDomain) -> Result<String, String> {
     let (_, x509) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("not an X.509 certificate ({e})"))?;
     if !x509.is_ca() {
         return Err("not a CA certificate (a host certificate in the CA bundle?)".into());
     }
     match super::identity::uri_sans(&x509).as_slice() {
-        [one] if *one == td.uri() => Ok(()),
+        [one] if *one == td.uri() => Ok(x509.subject().to_string()),
         _ => Err(format!(
             "not a mesh CA of trust domain {td} (its one URI SAN must be {})",
             td.uri()

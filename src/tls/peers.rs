@@ -1,47 +1,113 @@
-//! TLS toward and from peer agents at run time: the client configs per expected node, the acceptor, and the
-//! accounting of failed handshakes (a metric per reason; a log line at most once per peer address a minute).
+//! TLS toward and from peer agents at run time: the client configs per expected node, the acceptor, the
+//! material in use (replaced on reload), and the accounting of handshakes (completed ones by kind, failed ones
+//! by reason with a log line at most once per peer address a minute).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use super::Files;
 use super::material::Material;
 use super::verify::{describe, reason};
+use crate::telemetry::metrics::TlsMetrics;
 
 /// How often one peer address may be logged for failed handshakes.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// This host's TLS, shared by the inbound listener and the upstream pools.
+/// This host's TLS, shared by the inbound listener and the upstream pools. The material in use can be replaced
+/// while connections are open ([`PeerTls::replace`]): new handshakes use the new one, established connections
+/// carry on.
 pub struct PeerTls {
-    pub material: Arc<Material>,
+    active: RwLock<Arc<Active>>,
+    metrics: TlsMetrics,
+    logged: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// One generation of material and what is built from it. Each generation has its own session caches, so a
+/// session from before a reload is never resumed after it (a removed root cannot live on in a ticket).
+struct Active {
+    material: Arc<Material>,
+    /// The file bytes it came from (`None`: made in memory, `meshd dev`).
+    files: Option<Files>,
     acceptor: tokio_rustls::TlsAcceptor,
     clients: Mutex<HashMap<Arc<str>, tokio_rustls::TlsConnector>>,
-    errors: prometheus::IntCounterVec,
-    logged: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Active {
+    fn new(material: Material, files: Option<Files>) -> Result<Active, String> {
+        Ok(Active {
+            acceptor: tokio_rustls::TlsAcceptor::from(material.server_config()?),
+            material: Arc::new(material),
+            files,
+            clients: Mutex::default(),
+        })
+    }
 }
 
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerTls")
-            .field("id", &self.material.id)
+            .field("id", &self.material().id)
             .finish()
     }
 }
 
 impl PeerTls {
-    pub fn new(material: Material, errors: prometheus::IntCounterVec) -> Result<Self, String> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(material.server_config()?);
-        Ok(PeerTls {
-            material: Arc::new(material),
-            acceptor,
-            clients: Mutex::default(),
-            errors,
+    pub fn new(
+        material: Material,
+        files: Option<Files>,
+        metrics: TlsMetrics,
+    ) -> Result<Self, String> {
+        let tls = PeerTls {
+            active: RwLock::new(Arc::new(Active::new(material, files)?)),
+            metrics,
             logged: Mutex::default(),
-        })
+        };
+        tls.publish_expiry();
+        Ok(tls)
+    }
+
+    fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The material new handshakes use.
+    pub fn material(&self) -> Arc<Material> {
+        self.active().material.clone()
+    }
+
+    /// Whether `files` are the bytes the running material came from.
+    pub fn is_running(&self, files: &Files) -> bool {
+        self.active().files.as_ref() == Some(files)
+    }
+
+    /// Puts `material` in use for every handshake from now on.
+    pub fn replace(&self, material: Material, files: Files) -> Result<(), String> {
+        let next = Arc::new(Active::new(material, Some(files))?);
+        *self.active.write().unwrap_or_else(|e| e.into_inner()) = next;
+        self.publish_expiry();
+        Ok(())
+    }
+
+    /// Counts a refused reload.
+    pub fn reload_failed(&self) {
+        self.metrics.reload_failures.inc();
+    }
+
+    fn publish_expiry(&self) {
+        let m = self.material();
+        // One series: the identity cannot change while the agent runs.
+        self.metrics
+            .cert_expiry
+            .with_label_values(&[&m.id.uri()])
+            .set(m.not_after as f64);
     }
 
     /// The accepting side: the handshake, then the peer's node name.
@@ -50,14 +116,16 @@ impl PeerTls {
         tcp: TcpStream,
         peer: SocketAddr,
     ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, String)> {
-        match self.acceptor.accept(tcp).await {
+        let active = self.active();
+        match active.acceptor.accept(tcp).await {
             Ok(tls) => {
+                self.completed("inbound", tls.get_ref().1.handshake_kind());
                 let node = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|c| super::verify::peer_node(c, &self.material.id.trust_domain))
+                    .and_then(|c| super::verify::peer_node(c, &active.material.id.trust_domain))
                     .map(|id| id.node);
                 match node {
                     Some(n) => Some((tls, n)),
@@ -101,25 +169,48 @@ impl PeerTls {
         let connector = self.connector(node)?;
         // Names play no part in verification (the node identity does); this one is only the SNI sent.
         let name = ServerName::try_from("meshd.invalid").map_err(|e| e.to_string())?;
-        connector.connect(name, tcp).await.map_err(|e| {
-            let (why, text) = classify(&e);
-            self.failed("outbound", why, addr, &text);
-            format!("TLS with node {node:?} at {addr}: {text}")
-        })
+        match connector.connect(name, tcp).await {
+            Ok(tls) => {
+                self.completed("outbound", tls.get_ref().1.handshake_kind());
+                Ok(tls)
+            }
+            Err(e) => {
+                let (why, text) = classify(&e);
+                self.failed("outbound", why, addr, &text);
+                Err(format!("TLS with node {node:?} at {addr}: {text}"))
+            }
+        }
     }
 
+    /// The client config toward `node`, kept per node so its session cache lets later connections resume.
     fn connector(&self, node: &Arc<str>) -> Result<tokio_rustls::TlsConnector, String> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let active = self.active();
+        let mut clients = active.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(node) {
             return Ok(c.clone());
         }
-        let c = tokio_rustls::TlsConnector::from(self.material.client_config(node)?);
+        let c = tokio_rustls::TlsConnector::from(active.material.client_config(node)?);
+        // Nodes come from the routing table; a departed node's entry goes with the next reload.
         clients.insert(node.clone(), c.clone());
         Ok(c)
     }
 
+    fn completed(&self, direction: &str, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.metrics
+            .handshakes
+            .with_label_values(&[direction, kind])
+            .inc();
+    }
+
     fn failed(&self, direction: &str, why: &str, peer: SocketAddr, text: &str) {
-        self.errors.with_label_values(&[direction, why]).inc();
+        self.metrics
+            .handshake_errors
+            .with_label_values(&[direction, why])
+            .inc();
         let now = Instant::now();
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged.len() > 4096 {

@@ -126,11 +126,16 @@ impl Shared {
     pub fn new(addr: SocketAddr, identity: Option<Arc<str>>) -> Arc<Shared> {
         Arc::new(Shared {
             addr,
-            identity,
             state: Mutex::new(State {
-                streams_hint: DEFAULT_MAX_STREAMS,
+                // A peer agent proven by TLS allows more (meshd's own setting); a burst before the first
+                // SETTINGS arrive then needs one connection, not several.
+                streams_hint: match identity {
+                    Some(_) => crate::proxy::server::PEER_MAX_CONCURRENT_STREAMS as usize,
+                    None => DEFAULT_MAX_STREAMS,
+                },
                 ..State::default()
             }),
+            identity,
         })
     }
 

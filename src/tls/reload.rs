@@ -1,0 +1,138 @@
+//! New certificate files without a restart: on SIGHUP and `POST /v1/reload` (through [`crate::reload`]), and
+//! when the files change on disk ([`watch`]). New handshakes use the new material; established connections
+//! carry on. Files that cannot be read, do not parse, do not belong together or name another identity are
+//! refused: the running material stays, the refusal is logged and counted in `meshd_tls_reload_failures_total`.
+//!
+//! The identity is fixed while the agent runs: new files must be for the same node of the same trust domain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::peers::PeerTls;
+use super::{Files, check, read_files};
+use crate::config::{Config, TlsConfig};
+
+/// How often the watcher looks at the files.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// After a change is seen, how long the files must stay the same before they are loaded: a certificate and its
+/// key are rarely replaced in one step, and a half-written pair is not worth a refusal.
+const SETTLE: Duration = Duration::from_millis(300);
+/// How often the certificate's expiry is checked for the warning.
+const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 3600);
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The files are the ones in use.
+    Unchanged,
+    /// New material is in use.
+    Replaced,
+}
+
+/// Reads the files `t` names and puts them in use if they differ from the running ones and pass every check.
+pub fn reload(tls: &PeerTls, t: &TlsConfig) -> Result<Outcome, String> {
+    match read_files(t) {
+        Ok(files) if tls.is_running(&files) => Ok(Outcome::Unchanged),
+        Ok(files) => apply(tls, t, files).map(|()| Outcome::Replaced),
+        Err(problems) => {
+            tls.reload_failed();
+            Err(join(&problems))
+        }
+    }
+}
+
+/// Checks `files` against the running identity and puts them in use; a refusal is counted.
+fn apply(tls: &PeerTls, t: &TlsConfig, files: Files) -> Result<(), String> {
+    let running = tls.material();
+    let result = check(t, &running.id.trust_domain, &running.id.node, &files)
+        .map_err(|p| join(&p))
+        .and_then(|material| tls.replace(material, files));
+    match &result {
+        Ok(()) => {
+            let m = tls.material();
+            tracing::info!(
+                spiffe_id = %m.id,
+                subject = %m.subject,
+                issuer = %m.issuer,
+                expires = %m.expires(),
+                trusted_cas = m.anchors.len(),
+                "new TLS certificate files are in use for new connections"
+            );
+            m.warn_if_expiring();
+        }
+        Err(_) => tls.reload_failed(),
+    }
+    result
+}
+
+fn join(problems: &[(&'static str, String)]) -> String {
+    problems
+        .iter()
+        .map(|(k, m)| format!("{k}: {m}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Watches the `[tls]` files until `shutdown`, loading them when they change, and warns daily while the host
+/// certificate is close to expiry. A refused set of files is refused (and counted) once, not at every look.
+pub async fn watch(
+    tls: Arc<PeerTls>,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The start-up warning has just been given.
+    let mut next_expiry_check = tokio::time::Instant::now() + EXPIRY_CHECK;
+    let mut refused = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if tokio::time::Instant::now() >= next_expiry_check {
+            next_expiry_check += EXPIRY_CHECK;
+            tls.material().warn_if_expiring();
+        }
+        let Some(t) = config.borrow().tls.clone() else {
+            continue;
+        };
+        let seen = read_files(&t);
+        if let Ok(files) = &seen
+            && tls.is_running(files)
+        {
+            refused = None;
+            continue;
+        }
+        if refused.as_ref() == Some(&seen) {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SETTLE) => {}
+        }
+        let settled = read_files(&t);
+        if settled != seen {
+            // Still being written: look again at the next tick.
+            continue;
+        }
+        let result = match settled {
+            Ok(files) if tls.is_running(&files) => Ok(()),
+            Ok(files) => apply(&tls, &t, files),
+            Err(problems) => {
+                tls.reload_failed();
+                Err(join(&problems))
+            }
+        };
+        if let Err(problems) = result {
+            tracing::error!(
+                %problems,
+                "the [tls] files changed but are refused; the running certificate stays in use"
+            );
+            refused = Some(seen);
+        }
+    }
+}
