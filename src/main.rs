@@ -43,7 +43,7 @@ enum Command {
         /// The admin API and /metrics.
         #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
         admin: String,
-        /// The inbound listener for peer agents (plaintext in dev).
+        /// The inbound listener for peer agents (mutual TLS with a CA made in memory at start).
         #[arg(long, default_value = "127.0.0.1:4143")]
         inbound: String,
     },
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => match load(&config) {
-            Ok(cfg) => run(cfg, Some(config), None),
+            Ok(cfg) => run(cfg, Some(config), None, None),
             Err(code) => code,
         },
         Command::Dev {
@@ -132,10 +132,16 @@ fn main() -> ExitCode {
             admin,
             inbound,
         } => match dev_config(&services, listen, admin, inbound) {
-            Ok(cfg) => {
-                let banner = dev_banner(&services);
-                run(cfg, None, Some(banner))
-            }
+            Ok(cfg) => match meshd::tls::in_memory(&cfg.node.name) {
+                Ok(material) => {
+                    let banner = dev_banner(&services);
+                    run(cfg, None, Some(banner), Some(material))
+                }
+                Err(e) => {
+                    eprintln!("meshd dev: cannot make the in-memory CA: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(msg) => {
                 eprintln!("meshd dev: {msg}");
                 ExitCode::from(EXIT_CONFIG as u8)
@@ -236,7 +242,7 @@ fn dev_config(
     raw.outbound.listen = Some(vec![listen]);
     raw.admin.listen = Some(admin);
     raw.inbound.listen = Some(inbound);
-    raw.inbound.insecure_plaintext = true;
+    // Peer agents over mutual TLS, with an in-memory CA made at start (see run).
     raw.node.name = Some("dev".into());
     // Docker discovery when a Docker socket is reachable (DOCKER_HOST, else /var/run/docker.sock).
     raw.discovery.docker.enabled = meshd::discovery::docker::detect_local_docker().is_some();
@@ -268,7 +274,13 @@ fn dev_banner(services: &[String]) -> String {
     out
 }
 
-fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCode {
+/// Runs the agent; `material` is TLS made in memory (`meshd dev`) instead of `[tls]` files.
+fn run(
+    cfg: Config,
+    path: Option<PathBuf>,
+    dev_banner: Option<String>,
+    material: Option<meshd::tls::material::Material>,
+) -> ExitCode {
     meshd::telemetry::logging::init(&cfg.log);
     // The one crypto provider, installed before anything could pick another (meshd also passes it explicitly).
     if rustls::crypto::ring::default_provider()
@@ -294,7 +306,7 @@ fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCo
         }
     };
     rt.block_on(async move {
-        let bound = match meshd::app::build(cfg).await {
+        let bound = match meshd::app::build_with(cfg, material).await {
             Ok(b) => match path {
                 Some(p) => b.with_config_path(p),
                 None => b,
@@ -322,7 +334,7 @@ fn run(cfg: Config, path: Option<PathBuf>, dev_banner: Option<String>) -> ExitCo
                 "docker:\n  off (no Docker socket: set DOCKER_HOST or start Docker)\n".to_string()
             };
             println!(
-                "meshd dev: a one-node mesh is running\n  outbound  http://{out}   (apps send requests here)\n  inbound   {}   (peer agents; plaintext in dev)\n  admin     http://{}   (/ready, /metrics, /v1/services)\n{services}{docker}try:\n  curl -H 'Host: {first}' http://{out}/\n  curl -x http://{out} http://{first}/\nCtrl-C stops it.",
+                "meshd dev: a one-node mesh is running\n  outbound  http://{out}   (apps send requests here)\n  inbound   {}   (peer agents; mutual TLS with an in-memory CA)\n  admin     http://{}   (/ready, /metrics, /v1/services)\n{services}{docker}try:\n  curl -H 'Host: {first}' http://{out}/\n  curl -x http://{out} http://{first}/\nCtrl-C stops it.",
                 bound.inbound, bound.admin
             );
         }

@@ -404,6 +404,47 @@ async fn meshd_dev_serves_and_sigterm_drains_then_exits_0() {
         .unwrap();
     assert!(health.success());
 
+    // The inbound port runs mutual TLS with a CA made in memory: no files, and no plaintext peers.
+    let inbound = addr_after(&lines, "inbound");
+    let config = {
+        let req = http::Request::get(format!("http://{admin}/v1/config"))
+            .body(full(""))
+            .unwrap();
+        let got = read(h1_client().request(req).await.unwrap()).await;
+        serde_json::from_str::<serde_json::Value>(&got.body).unwrap()
+    };
+    assert_eq!(config["inbound"]["insecure_plaintext"], false, "{config}");
+    assert_eq!(
+        config["tls"]["certificate"]["spiffe_id"], "spiffe://dev.meshd.invalid/node/dev",
+        "{config}"
+    );
+    assert!(
+        config["tls"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("in-memory"),
+        "{config}"
+    );
+    let plain = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    if let Ok((mut send, conn)) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(plain),
+    )
+    .await
+    {
+        tokio::spawn(conn);
+        let req = http::Request::get("http://hello/")
+            .header("mesh-service", "hello")
+            .header("mesh-endpoint", b.addr.to_string())
+            .body(full(""))
+            .unwrap();
+        assert!(
+            send.send_request(req).await.is_err(),
+            "meshd dev answered a plaintext peer"
+        );
+    }
+    assert!(text.contains("mutual TLS"), "{text}");
+
     let req = http::Request::get(format!("http://{outbound}/slow?ms=1500"))
         .header("host", "hello")
         .body(full(""))
