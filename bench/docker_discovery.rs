@@ -14,6 +14,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod report;
 #[path = "../tests/docker/support.rs"]
 mod support;
 
@@ -206,26 +207,6 @@ async fn bench(runs: usize) -> String {
     out
 }
 
-/// Replaces this bench's section of docs/benchmarks.md (creating the file if needed).
 fn write_report(report: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nNumbers written by the benches under bench/.\n".to_string()
-    });
-    let section = format!("{BEGIN}\n{report}{END}\n");
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!(
-                "{}{section}{}",
-                &old[..b],
-                &old[e + END.len()..].trim_start_matches('\n')
-            )
-        }
-        _ => format!("{}\n\n{section}", old.trim_end()),
-    };
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&path, new).expect("writing docs/benchmarks.md");
-    println!("wrote {}", path.display());
+    report::write_section(BEGIN, END, report);
 }
