@@ -456,7 +456,50 @@ async fn tls_files_are_checked_by_check_config_and_at_start() {
         (expiry - (now + 10.0 * 86400.0)).abs() < 120.0,
         "{expiry} vs {now}: {m}"
     );
+    // Ten days left: still ready (an expiring certificate is a warning, not an outage), and /v1/config says so.
+    common::wait_ready(agent.admin).await;
+    let v = common::admin_json(&agent, "/v1/config").await;
+    let days_left = v["tls"]["certificate"]["days_left"].as_i64().unwrap();
+    assert!((9..=10).contains(&days_left), "{v}");
     agent.stop().await;
+    // `meshd run` warns about it at start.
+    let path = dir.path().join("expiring.toml");
+    std::fs::write(&path, tls_config(dir.path(), "n1", "n1", "")).unwrap();
+    let mut child = std::process::Command::new(MESHD)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut warned = None;
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100))
+            && line.contains("expires within 14 days")
+        {
+            warned = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = warned.expect("no warning about the certificate expiring within 14 days");
+    assert!(
+        warned.contains("days_left=9") || warned.contains("days_left=10"),
+        "{warned}"
+    );
     // And refuses to start with bad ones.
     let bad = meshd::config::Config::from_toml(&tls_config(dir.path(), "n1", "n2", "")).unwrap();
     let err = meshd::app::build(bad)
