@@ -100,6 +100,8 @@ fn reload(
             "meshd was started without a config file: nothing to reload".into(),
         ));
     };
+    // No file-watcher reload may interleave with this one, up to the publication of the new config.
+    let _tls_guard = tls.map(|t| t.reload_lock());
     let text = std::fs::read_to_string(path)
         .map_err(|e| Refused::Config(format!("cannot read {}: {e}", path.display())))?;
     let mut new = Config::from_toml(&text).map_err(|e| Refused::Config(e.to_string()))?;

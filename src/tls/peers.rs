@@ -23,6 +23,8 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// carry on.
 pub struct PeerTls {
     active: RwLock<Arc<Active>>,
+    /// Held by whoever reads, checks and installs new files, so two reloads never interleave.
+    reloads: Mutex<()>,
     metrics: TlsMetrics,
     logged: Mutex<HashMap<IpAddr, Instant>>,
 }
@@ -64,6 +66,7 @@ impl PeerTls {
     ) -> Result<Self, String> {
         let tls = PeerTls {
             active: RwLock::new(Arc::new(Active::new(material, files)?)),
+            reloads: Mutex::new(()),
             metrics,
             logged: Mutex::default(),
         };
@@ -96,6 +99,12 @@ impl PeerTls {
         Ok(())
     }
 
+    /// Serialises reloads: the file watcher and SIGHUP / `POST /v1/reload` hold it from reading the files to
+    /// installing them (and the latter until the new config naming them is published).
+    pub fn reload_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reloads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts a refused reload.
     pub fn reload_failed(&self) {
         self.metrics.reload_failures.inc();
@@ -119,7 +128,6 @@ impl PeerTls {
         let active = self.active();
         match active.acceptor.accept(tcp).await {
             Ok(tls) => {
-                self.completed("inbound", tls.get_ref().1.handshake_kind());
                 let node = tls
                     .get_ref()
                     .1
@@ -128,7 +136,10 @@ impl PeerTls {
                     .and_then(|c| super::verify::peer_node(c, &active.material.id.trust_domain))
                     .map(|id| id.node);
                 match node {
-                    Some(n) => Some((tls, n)),
+                    Some(n) => {
+                        self.completed("inbound", tls.get_ref().1.handshake_kind());
+                        Some((tls, n))
+                    }
                     // The verifier passed it, so this cannot happen; refuse rather than serve an unknown peer.
                     None => {
                         self.failed(
@@ -195,6 +206,9 @@ impl PeerTls {
         Ok(c)
     }
 
+    /// Counts a completed handshake. Outbound, "completed" is the client's view: with TLS 1.3 the server
+    /// checks the client certificate after that, and a refusal shows up as the connection's first error (and in
+    /// the server's `meshd_tls_handshake_errors_total`).
     fn completed(&self, direction: &str, kind: Option<rustls::HandshakeKind>) {
         let kind = match kind {
             Some(rustls::HandshakeKind::Resumed) => "resumed",

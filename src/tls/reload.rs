@@ -33,6 +33,7 @@ pub enum Outcome {
 }
 
 /// Reads the files `t` names and puts them in use if they differ from the running ones and pass every check.
+/// The caller holds [`PeerTls::reload_lock`].
 pub fn reload(tls: &PeerTls, t: &TlsConfig) -> Result<Outcome, String> {
     match read_files(t) {
         Ok(files) if tls.is_running(&files) => Ok(Outcome::Unchanged),
@@ -51,21 +52,23 @@ fn apply(tls: &PeerTls, t: &TlsConfig, files: Files) -> Result<(), String> {
         .map_err(|p| join(&p))
         .and_then(|material| tls.replace(material, files));
     match &result {
-        Ok(()) => {
-            let m = tls.material();
-            tracing::info!(
-                spiffe_id = %m.id,
-                subject = %m.subject,
-                issuer = %m.issuer,
-                expires = %m.expires(),
-                trusted_cas = m.anchors.len(),
-                "new TLS certificate files are in use for new connections"
-            );
-            m.warn_if_expiring();
-        }
+        Ok(()) => installed(tls),
         Err(_) => tls.reload_failed(),
     }
     result
+}
+
+fn installed(tls: &PeerTls) {
+    let m = tls.material();
+    tracing::info!(
+        spiffe_id = %m.id,
+        subject = %m.subject,
+        issuer = %m.issuer,
+        expires = %m.expires(),
+        trusted_cas = m.anchors.len(),
+        "new TLS certificate files are in use for new connections"
+    );
+    m.warn_if_expiring();
 }
 
 fn join(problems: &[(&'static str, String)]) -> String {
@@ -77,7 +80,8 @@ fn join(problems: &[(&'static str, String)]) -> String {
 }
 
 /// Watches the `[tls]` files until `shutdown`, loading them when they change, and warns daily while the host
-/// certificate is close to expiry. A refused set of files is refused (and counted) once, not at every look.
+/// certificate is close to expiry. Files that fail the checks are refused (logged and counted) when they are
+/// still the same at the next look, and once, not at every look.
 pub async fn watch(
     tls: Arc<PeerTls>,
     config: watch::Receiver<Arc<Config>>,
@@ -88,6 +92,8 @@ pub async fn watch(
     // The start-up warning has just been given.
     let mut next_expiry_check = tokio::time::Instant::now() + EXPIRY_CHECK;
     let mut refused = None;
+    // Refused files seen once; refused for good if they are still there at the next look.
+    let mut pending = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -114,25 +120,49 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(SETTLE) => {}
         }
+        let _guard = tls.reload_lock();
+        // The paths again, under the lock: an explicit reload may have just changed them.
+        let Some(t) = config.borrow().tls.clone() else {
+            continue;
+        };
         let settled = read_files(&t);
         if settled != seen {
-            // Still being written: look again at the next tick.
+            // Still being written (or just reloaded): look again at the next tick.
             continue;
         }
-        let result = match settled {
-            Ok(files) if tls.is_running(&files) => Ok(()),
-            Ok(files) => apply(&tls, &t, files),
+        let checked = match &settled {
+            Ok(files) if tls.is_running(files) => continue,
+            Ok(files) => check(&t, &running_td(&tls), &tls.material().id.node, files)
+                .map(|m| (m, files.clone()))
+                .map_err(|p| join(&p)),
+            Err(problems) => Err(join(problems)),
+        };
+        match checked {
+            Ok((material, files)) => {
+                if let Err(e) = tls.replace(material, files) {
+                    tls.reload_failed();
+                    tracing::error!(problems = %e, "the new [tls] files are refused; the running certificate stays in use");
+                } else {
+                    installed(&tls);
+                }
+                pending = None;
+            }
+            // Refused only if still so at the next look: a certificate and key replaced a few seconds apart
+            // are not worth an alert.
+            Err(_) if pending.as_ref() != Some(&seen) => pending = Some(seen),
             Err(problems) => {
                 tls.reload_failed();
-                Err(join(&problems))
+                tracing::error!(
+                    %problems,
+                    "the [tls] files changed but are refused; the running certificate stays in use"
+                );
+                refused = Some(seen);
+                pending = None;
             }
-        };
-        if let Err(problems) = result {
-            tracing::error!(
-                %problems,
-                "the [tls] files changed but are refused; the running certificate stays in use"
-            );
-            refused = Some(seen);
         }
     }
+}
+
+fn running_td(tls: &PeerTls) -> super::identity::TrustDomain {
+    tls.material().id.trust_domain.clone()
 }

@@ -127,12 +127,8 @@ impl Shared {
         Arc::new(Shared {
             addr,
             state: Mutex::new(State {
-                // A peer agent proven by TLS allows more (meshd's own setting); a burst before the first
-                // SETTINGS arrive then needs one connection, not several.
-                streams_hint: match identity {
-                    Some(_) => crate::proxy::server::PEER_MAX_CONCURRENT_STREAMS as usize,
-                    None => DEFAULT_MAX_STREAMS,
-                },
+                // Unknown until the first connection is made (see `pick`).
+                streams_hint: 0,
                 ..State::default()
             }),
             identity,
@@ -217,7 +213,15 @@ impl Shared {
         let (tx, rx) = watch::channel(None);
         st.next_id += 1;
         let id = st.next_id;
-        let expected_streams = st.streams_hint;
+        let expected_streams = match st.streams_hint {
+            // A peer agent over mutual TLS allows more (meshd's own setting), so a burst before the first
+            // SETTINGS arrive needs one connection, not several. Apps and plaintext peers: the usual default.
+            0 if self.identity.is_some() && up.tls.is_some() => {
+                crate::proxy::server::PEER_MAX_CONCURRENT_STREAMS as usize
+            }
+            0 => DEFAULT_MAX_STREAMS,
+            known => known,
+        };
         st.connecting.push(Connecting {
             id,
             reserved: 1,
@@ -269,6 +273,9 @@ impl Shared {
             .await?;
             let mut b = Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
+                // Until the peer's SETTINGS arrive, assume what the pool expects (hyper would assume 100 and
+                // shrink the hint before the peer has said anything).
+                .initial_max_send_streams(expected_streams)
                 .keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true);
