@@ -166,3 +166,92 @@ pub async fn watch(
 fn running_td(tls: &PeerTls) -> super::identity::TrustDomain {
     tls.material().id.trust_domain.clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::identity::TrustDomain;
+    use crate::tls::material::{Material, Sources};
+    use crate::tls::pki::LoadedCa;
+
+    /// Log lines, as the fmt subscriber writes them.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn count(&self, needle: &str) -> usize {
+            let text = String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_owned();
+            text.matches(needle).count()
+        }
+    }
+
+    async fn let_it_run() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warns_once_a_day_while_the_certificate_is_close_to_expiry() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _log = tracing::subscriber::set_default(subscriber);
+
+        let td = TrustDomain::parse("mesh.test").unwrap();
+        let ca = LoadedCa::generate(&td, 30).unwrap();
+        let host = ca.issue("n1", 5, &[], &[]).unwrap();
+        let src = Sources {
+            ca: "ca",
+            cert: "cert",
+            key: "key",
+        };
+        let material = Material::from_pem(
+            &td,
+            "n1",
+            ca.cert_pem.as_bytes(),
+            host.cert_pem.as_bytes(),
+            host.key_pem.as_bytes(),
+            &src,
+        )
+        .unwrap();
+        let metrics = crate::telemetry::Metrics::new();
+        let tls = Arc::new(PeerTls::new(material, None, metrics.tls.clone()).unwrap());
+        let (_config, rx) = watch::channel(Arc::new(Config::from_toml("").unwrap()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch(tls, rx, stop.clone()));
+
+        let warning = "expires within 14 days";
+        let_it_run().await;
+        // The start-up warning is the caller's; the watcher's first comes a day later, then one a day.
+        assert_eq!(lines.count(warning), 0);
+        tokio::time::advance(Duration::from_secs(23 * 3600)).await;
+        let_it_run().await;
+        assert_eq!(lines.count(warning), 0);
+        tokio::time::advance(Duration::from_secs(3600 + 5)).await;
+        let_it_run().await;
+        assert_eq!(lines.count(warning), 1);
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        let_it_run().await;
+        assert_eq!(lines.count(warning), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
