@@ -20,14 +20,12 @@
 mod common;
 mod report;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use common::*;
-use meshd::config::{Config, Protocol};
-use meshd::routing::{DEFAULT_WEIGHT, EndpointSpec, Update};
+use meshd::config::Config;
 use meshd::tls::identity::TrustDomain;
 use meshd::tls::pki::LoadedCa;
 
@@ -116,8 +114,22 @@ async fn run(rounds: usize, requests: usize, throughput: usize) -> String {
     .await;
     let b_plain = start_agent("127.0.0.33", local.clone(), false).await;
     let a_plain = start_agent("127.0.0.34", "[services.far]\n".into(), false).await;
-    learn(&a_tls, "node-127.0.0.31", b_tls.inbound, backend.addr).await;
-    learn(&a_plain, "node-127.0.0.33", b_plain.inbound, backend.addr).await;
+    learn_remote(
+        &a_tls,
+        "node-127.0.0.31",
+        b_tls.inbound,
+        &["far"],
+        backend.addr,
+    )
+    .await;
+    learn_remote(
+        &a_plain,
+        "node-127.0.0.33",
+        b_plain.inbound,
+        &["far"],
+        backend.addr,
+    )
+    .await;
 
     let targets = [
         Target {
@@ -145,7 +157,7 @@ async fn run(rounds: usize, requests: usize, throughput: usize) -> String {
     for t in &targets {
         sequential(t, 200).await;
     }
-    let before = handshakes(&a_tls).await;
+    let before = outbound_handshakes(&a_tls).await;
     let mut medians = vec![Vec::new(); targets.len()];
     let mut p99s = vec![Vec::new(); targets.len()];
     for _ in 0..rounds {
@@ -161,7 +173,7 @@ async fn run(rounds: usize, requests: usize, throughput: usize) -> String {
         rates.push(concurrent(t, throughput, 16).await);
     }
     let sent_through_a = (rounds * requests + throughput) as f64;
-    let per_10k = (handshakes(&a_tls).await - before) / sent_through_a * 10_000.0;
+    let per_10k = (outbound_handshakes(&a_tls).await - before) / sent_through_a * 10_000.0;
 
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -194,34 +206,6 @@ async fn run(rounds: usize, requests: usize, throughput: usize) -> String {
          (`meshd_tls_handshakes_total` on agent A over {sent_through_a:.0} requests).\n"
     ));
     out
-}
-
-async fn learn(a: &Agent, node: &str, inbound: SocketAddr, addr: SocketAddr) {
-    let mut table = a.table.clone();
-    a.routing.update(Update::SetRemote {
-        node: node.into(),
-        inbound,
-        endpoints: vec![EndpointSpec {
-            service: "far".into(),
-            addr,
-            protocol: Protocol::Http,
-            weight: DEFAULT_WEIGHT,
-        }],
-    });
-    let _ = table
-        .wait_for(|t| t.service("far").is_some_and(|s| !s.endpoints.is_empty()))
-        .await;
-}
-
-async fn handshakes(a: &Agent) -> f64 {
-    let m = metrics(a).await;
-    sample(
-        &m,
-        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"full\"}",
-    ) + sample(
-        &m,
-        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"resumed\"}",
-    )
 }
 
 fn request(t: &Target) -> http::Request<TestBody> {

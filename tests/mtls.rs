@@ -9,8 +9,6 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use http::StatusCode;
-use meshd::config::Protocol;
-use meshd::routing::{DEFAULT_WEIGHT, EndpointSpec, Update};
 use meshd::tls::identity::TrustDomain;
 use meshd::tls::pki::LoadedCa;
 
@@ -53,31 +51,6 @@ async fn tls_agent_with(ip: &str, dir: &Path, extra: &str, inbound: &str) -> Age
     start(meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))).await
 }
 
-/// Tells `a` that `node` at `inbound` owns `service` at `addr`.
-async fn learn(
-    a: &Agent,
-    node: &str,
-    inbound: std::net::SocketAddr,
-    service: &str,
-    addr: std::net::SocketAddr,
-) {
-    let mut table = a.table.clone();
-    a.routing.update(Update::SetRemote {
-        node: node.into(),
-        inbound,
-        endpoints: vec![EndpointSpec {
-            service: service.into(),
-            addr,
-            protocol: Protocol::Http,
-            weight: DEFAULT_WEIGHT,
-        }],
-    });
-    table
-        .wait_for(|t| t.service(service).is_some_and(|s| !s.endpoints.is_empty()))
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn requests_cross_agents_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,7 +66,7 @@ async fn requests_cross_agents_over_mutual_tls() {
     )
     .await;
     let a = tls_agent("127.0.0.13", dir.path(), "[services.far]\n").await;
-    learn(&a, "node-127.0.0.12", b.inbound, "far", backend.addr).await;
+    learn_remote(&a, "node-127.0.0.12", b.inbound, &["far"], backend.addr).await;
 
     for i in 0..20 {
         let got = get(&a, "far", &format!("/over-tls/{i}")).await;
@@ -171,7 +144,7 @@ async fn another_mesh_or_the_wrong_node_is_refused() {
 
     // An agent of another mesh (its own CA): it cannot verify B, and nothing reaches the backend.
     let c = tls_agent("127.0.0.16", &dir.path().join("other"), "[services.far]\n").await;
-    learn(&c, "node-127.0.0.14", b.inbound, "far", backend.addr).await;
+    learn_remote(&c, "node-127.0.0.14", b.inbound, &["far"], backend.addr).await;
     let got = get(&c, "far", "/").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
     let m = metrics(&c).await;
@@ -185,7 +158,7 @@ async fn another_mesh_or_the_wrong_node_is_refused() {
 
     // A member of this mesh that believes the endpoint belongs to node-x: B proves it is not node-x.
     let a = tls_agent("127.0.0.15", &dir.path().join("mesh"), "[services.far]\n").await;
-    learn(&a, "node-x", b.inbound, "far", backend.addr).await;
+    learn_remote(&a, "node-x", b.inbound, &["far"], backend.addr).await;
     let got = get(&a, "far", "/").await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{got:?}");
     let m = metrics(&a).await;
@@ -265,7 +238,7 @@ async fn a_flood_of_stalled_and_garbage_handshakes_is_cut_off_while_peers_get_th
 
     // Meanwhile a real peer connects and its requests go through.
     let a = tls_agent("127.0.0.19", dir.path(), "[services.far]\n").await;
-    learn(&a, "node-127.0.0.18", b.inbound, "far", backend.addr).await;
+    learn_remote(&a, "node-127.0.0.18", b.inbound, &["far"], backend.addr).await;
     for i in 0..20 {
         let got = get(&a, "far", &format!("/during-flood/{i}")).await;
         assert_eq!(got.status, StatusCode::OK, "{got:?}");

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use meshd::config::Protocol;
-use meshd::routing::{DEFAULT_WEIGHT, EndpointSpec, Update};
 use meshd::tls::identity::TrustDomain;
 use meshd::tls::material::{Material, Sources};
 use meshd::tls::pki::LoadedCa;
@@ -339,49 +337,6 @@ async fn new_certificate_files_are_used_for_new_handshakes_and_broken_ones_are_r
     b.stop().await;
 }
 
-/// Tells `a` that `node` at `inbound` owns each of `services` at `addr`.
-async fn learn(
-    a: &Agent,
-    node: &str,
-    inbound: std::net::SocketAddr,
-    services: &[String],
-    addr: std::net::SocketAddr,
-) {
-    let mut table = a.table.clone();
-    a.routing.update(Update::SetRemote {
-        node: node.into(),
-        inbound,
-        endpoints: services
-            .iter()
-            .map(|s| EndpointSpec {
-                service: s.clone(),
-                addr,
-                protocol: Protocol::Http,
-                weight: DEFAULT_WEIGHT,
-            })
-            .collect(),
-    });
-    table
-        .wait_for(|t| {
-            services
-                .iter()
-                .all(|s| t.service(s).is_some_and(|s| !s.endpoints.is_empty()))
-        })
-        .await
-        .unwrap();
-}
-
-async fn outbound_handshakes(a: &Agent) -> f64 {
-    let m = metrics(a).await;
-    sample(
-        &m,
-        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"full\"}",
-    ) + sample(
-        &m,
-        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"resumed\"}",
-    )
-}
-
 #[tokio::test]
 async fn a_root_rotation_with_traffic_flowing_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -398,6 +353,7 @@ async fn a_root_rotation_with_traffic_flowing_fails_no_request() {
     // B serves the backend under one service name per phase: each phase's first request opens a new
     // connection, so every phase makes a handshake with the material of that moment.
     let phases: Vec<String> = (0..5).map(|i| format!("far{i}")).collect();
+    let phase_names: Vec<&str> = phases.iter().map(String::as_str).collect();
     let statics: String = phases
         .iter()
         .map(|s| {
@@ -410,7 +366,7 @@ async fn a_root_rotation_with_traffic_flowing_fails_no_request() {
     let declared: String = phases.iter().map(|s| format!("[services.{s}]\n")).collect();
     let b = start_from_file(&agent_file(dir.path(), ip_b, &host_b, &statics)).await;
     let a = start_from_file(&agent_file(dir.path(), ip_a, &host_a, &declared)).await;
-    learn(&a, &host_b.node, b.inbound, &phases, backend.addr).await;
+    learn_remote(&a, &host_b.node, b.inbound, &phase_names, backend.addr).await;
     assert_eq!(get(&a, "far0", "/").await.status, StatusCode::OK);
 
     // Steady traffic through the rotation.
@@ -579,14 +535,7 @@ async fn steady_traffic_between_agents_does_no_handshakes_and_a_reconnect_resume
     );
     let b = start(meshd::config::Config::from_toml(&text).unwrap()).await;
     let a = start_from_file(&agent_file(dir.path(), ip_a, &host_a, "[services.far]\n")).await;
-    learn(
-        &a,
-        &host_b.node,
-        b.inbound,
-        &["far".to_string()],
-        backend.addr,
-    )
-    .await;
+    learn_remote(&a, &host_b.node, b.inbound, &["far"], backend.addr).await;
 
     // 10,000 requests, 300 of them at once at the start: one connection, one handshake. (An untrusted client
     // may open 100 streams per connection; an authenticated agent 1,000.)

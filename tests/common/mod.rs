@@ -796,3 +796,49 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Tells `a` that `node`, whose inbound port is `inbound`, owns each of `services` at `addr` (what gossip will
+/// do), and waits until the table routes them.
+pub async fn learn_remote(
+    a: &Agent,
+    node: &str,
+    inbound: SocketAddr,
+    services: &[&str],
+    addr: SocketAddr,
+) {
+    use meshd::routing::{DEFAULT_WEIGHT, EndpointSpec, Update};
+    let mut table = a.table.clone();
+    a.routing.update(Update::SetRemote {
+        node: node.into(),
+        inbound,
+        endpoints: services
+            .iter()
+            .map(|s| EndpointSpec {
+                service: (*s).into(),
+                addr,
+                protocol: meshd::config::Protocol::Http,
+                weight: DEFAULT_WEIGHT,
+            })
+            .collect(),
+    });
+    table
+        .wait_for(|t| {
+            services
+                .iter()
+                .all(|s| t.service(s).is_some_and(|s| !s.endpoints.is_empty()))
+        })
+        .await
+        .unwrap();
+}
+
+/// TLS handshakes the agent has completed toward peers, full and resumed.
+pub async fn outbound_handshakes(agent: &Agent) -> f64 {
+    let m = metrics(agent).await;
+    sample(
+        &m,
+        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"full\"}",
+    ) + sample(
+        &m,
+        "meshd_tls_handshakes_total{direction=\"outbound\",kind=\"resumed\"}",
+    )
+}
