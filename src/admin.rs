@@ -40,6 +40,8 @@ pub struct AdminState {
     pub docker: watch::Receiver<crate::discovery::docker::Status>,
     /// Mutual TLS with peer agents, when on: `/v1/config` shows the certificate in use.
     pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
+    /// Gossip membership (`[gossip]`).
+    pub membership: Option<crate::membership::Membership>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -48,17 +50,46 @@ pub fn router(state: AdminState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
+        .route("/v1/members", get(members))
         .route("/v1/config", get(config))
         .route("/v1/reload", axum::routing::post(reload))
         .with_state(state)
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !s.readiness.is_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
     }
+    // Ready after gossip.join_timeout even when no seed answered: this host still serves its own endpoints.
+    match &s.membership {
+        Some(m) if !m.joined() => (StatusCode::OK, "ready (degraded: gossip has not joined)\n"),
+        _ => (StatusCode::OK, "ready\n"),
+    }
+}
+
+/// `GET /v1/members`: this agent and every member it knows.
+async fn members(State(s): State<AdminState>) -> impl IntoResponse {
+    let Some(m) = &s.membership else {
+        let config = s.config.borrow().clone();
+        return Json(json!({
+            "node": config.node.name,
+            "gossip": false,
+            "members": [],
+        }));
+    };
+    let id = m.identity();
+    Json(json!({
+        "node": &*id.name,
+        "gossip": true,
+        "joined": m.joined(),
+        "self": {
+            "name": &*id.name,
+            "gossip_addr": id.addr.to_string(),
+            "inbound_addr": id.inbound().to_string(),
+            "generation": id.generation,
+        },
+        "members": &*m.members(),
+    }))
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

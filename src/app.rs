@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -27,6 +28,10 @@ use crate::reload;
 use crate::routing::{Router, RoutingHandle, Source, Table};
 use crate::telemetry::{Direction, Metrics};
 
+/// After leaving the gossip cluster, listeners stay open this long (at most half the drain timeout) while
+/// peers learn of the leave.
+pub const LEAVE_GRACE: Duration = Duration::from_millis(1500);
+
 /// An agent whose listeners are bound but not yet serving.
 pub struct Bound {
     pub config: Arc<Config>,
@@ -36,6 +41,8 @@ pub struct Bound {
     pub outbound: Vec<SocketAddr>,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+    /// The gossip socket's address (`[gossip]`).
+    pub gossip: Option<SocketAddr>,
     /// Send endpoint updates (the gossip layer uses this for other nodes' endpoints).
     pub routing: RoutingHandle,
     pub table: watch::Receiver<Arc<Table>>,
@@ -46,6 +53,7 @@ pub struct Bound {
     router: Router,
     /// Mutual TLS with peer agents (`[tls]`).
     tls: Option<Arc<crate::tls::peers::PeerTls>>,
+    gossip_socket: Option<crate::membership::Bound>,
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
@@ -94,6 +102,7 @@ pub async fn build_with(
     }
     let inbound_listener = bind(config.inbound.listen, "inbound.listen").await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let gossip_socket = crate::membership::bind(&config, inbound_listener.local_addr()?).await?;
     let loaded = match material {
         Some(m) => Some((m, None)),
         None => crate::tls::load(&config)
@@ -122,6 +131,8 @@ pub async fn build_with(
             .collect::<Result<_, _>>()?,
         inbound: inbound_listener.local_addr()?,
         admin: admin_listener.local_addr()?,
+        gossip: gossip_socket.as_ref().map(|g| g.local_addr()),
+        gossip_socket,
         config: Arc::new(config),
         config_path: None,
         routing,
@@ -159,6 +170,8 @@ impl Bound {
             outbound: outbound_addrs,
             inbound: inbound_addr,
             admin: admin_addr,
+            gossip: _,
+            gossip_socket,
         } = self;
         let stop_router = CancellationToken::new();
         let stop_proxies = CancellationToken::new();
@@ -166,20 +179,41 @@ impl Bound {
         let readiness = Readiness::new();
         let discovery_synced = readiness.token();
 
+        let local_endpoints = router.local_endpoints();
         let router_task = tokio::spawn(
             router
                 .with_breaker_gauge(metrics.policy.breaker_open.clone())
                 .run(stop_router.clone()),
         );
+        let upstreams = Upstreams::new(metrics.upstream.clone(), tls.clone());
+        // Gossip: other hosts' endpoints flow into the routing table; /ready waits for the first join.
+        let stop_gossip = CancellationToken::new();
+        let (membership, gossip_task) = match gossip_socket {
+            Some(g) => {
+                let (m, task) = g.start(
+                    routing.clone(),
+                    local_endpoints,
+                    upstreams.clone(),
+                    metrics.gossip.clone(),
+                    readiness.token(),
+                    stop_gossip.clone(),
+                );
+                (Some(m), Some(task))
+            }
+            None => (None, None),
+        };
         let (config_tx, config_rx) = watch::channel(config.clone());
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let reloader = tokio::spawn(reload::run(
             config_path,
             reload_rx,
-            config_tx,
-            routing.clone(),
-            tls.clone(),
-            metrics.config_reload_failures.clone(),
+            reload::Targets {
+                config: config_tx,
+                routing: routing.clone(),
+                tls: tls.clone(),
+                membership: membership.clone(),
+                failures: metrics.config_reload_failures.clone(),
+            },
             stop_router.clone(),
         ));
         // New certificate files are picked up when they change on disk, too.
@@ -229,7 +263,6 @@ impl Bound {
         }
         discovery_synced.ready();
 
-        let upstreams = Upstreams::new(metrics.upstream.clone(), tls.clone());
         let sweeper = tokio::spawn(sweep_pools(table.clone(), stop_router.clone()));
         let drain = config.node.drain_timeout;
         let outbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Outbound.as_str());
@@ -289,6 +322,7 @@ impl Bound {
                 upstreams,
                 metrics: metrics.proxy.clone(),
                 tunnels: inbound_tunnels.clone(),
+                sync: membership.as_ref().map(|m| m.sync.clone()),
             })),
             metrics.proxy.clone(),
             stop_proxies.clone(),
@@ -301,6 +335,7 @@ impl Bound {
             readiness: readiness.clone(),
             docker: docker_status,
             tls: tls.clone(),
+            membership: membership.clone(),
         });
         let admin_task = tokio::spawn(server::serve_with(
             admin_listener,
@@ -326,6 +361,14 @@ impl Bound {
         shutdown.await;
         readiness.set_draining();
         let drain_deadline = tokio::time::Instant::now() + drain;
+        if let Some(m) = &membership {
+            // Leave first, and keep serving for a moment: peers learn that this host is gone and stop
+            // sending to it before its listeners close, so a rolling restart fails no request.
+            m.leave(Duration::from_secs(1)).await;
+            tracing::info!("left the gossip cluster");
+            tokio::time::sleep(LEAVE_GRACE.min(drain / 2)).await;
+        }
+        stop_gossip.cancel();
         stop_proxies.cancel();
         while let Some(res) = proxies.join_next().await {
             if let Err(e) = res {
@@ -341,6 +384,9 @@ impl Bound {
         stop_router.cancel();
         let _ = admin_task.await;
         let _ = router_task.await;
+        if let Some(t) = gossip_task {
+            let _ = t.await;
+        }
         let _ = reloader.await;
         if let Some(t) = tls_watcher {
             let _ = t.await;

@@ -52,6 +52,13 @@ pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default log level (an `EnvFilter` directive); `RUST_LOG` overrides it.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
+/// Default gossip listener (UDP; 7946 is avoided because Docker Swarm uses it).
+pub const DEFAULT_GOSSIP_LISTEN: &str = "0.0.0.0:4145";
+/// The gossip port a seed without one is assumed to use.
+pub const DEFAULT_GOSSIP_PORT: u16 = 4145;
+/// How long `/ready` waits for the first join when seeds are configured before it reports degraded.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Exit status for a configuration that cannot be used (EX_USAGE/EX_DATAERR family, as linkerd2-proxy uses).
 pub const EXIT_CONFIG: i32 = 64;
 
@@ -70,6 +77,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// `[tls]`: this host's mesh certificate (checked when loaded: [`crate::tls::load`]).
     pub tls: Option<TlsConfig>,
+    /// `[gossip]`: membership with other hosts (absent: a one-host mesh).
+    pub gossip: Option<GossipConfig>,
     /// The policy of every service without its own `[services.<name>]` block.
     pub defaults: ServicePolicy,
     /// Services with their own block, each fully resolved against `[defaults]`.
@@ -113,6 +122,28 @@ pub struct TlsConfig {
     pub ca: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+}
+
+/// `[gossip]`: SWIM membership over encrypted UDP.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GossipConfig {
+    pub listen: SocketAddr,
+    /// `host:port` of agents to join through: IPs or DNS names, re-resolved whenever they are announced to.
+    pub seeds: Vec<String>,
+    /// The keyring file (checked when loaded: [`crate::membership::keyring::Keyring::read`]).
+    pub keyring: std::path::PathBuf,
+    pub profile: GossipProfile,
+    /// `/ready` waits this long for the first join before it answers 200 with `gossip: degraded`.
+    #[serde(serialize_with = "duration::ser")]
+    pub join_timeout: Duration,
+}
+
+/// Timing presets (docs/configuration.md lists their figures).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GossipProfile {
+    Lan,
+    Wan,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -254,6 +285,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub discovery: RawDiscovery,
     pub tls: Option<RawTls>,
+    pub gossip: Option<RawGossip>,
     pub defaults: RawPolicy,
     pub services: BTreeMap<String, RawPolicy>,
     /// Keys the schema does not know, as found by `parse`.
@@ -298,6 +330,16 @@ pub struct RawTls {
     pub ca: Option<String>,
     pub cert: Option<String>,
     pub key: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawGossip {
+    pub listen: Option<String>,
+    pub seeds: Vec<String>,
+    pub keyring: Option<String>,
+    pub profile: Option<String>,
+    pub join_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -896,6 +938,11 @@ impl RawConfig {
             })
         });
 
+        let gossip = self
+            .gossip
+            .as_ref()
+            .and_then(|g| validate_gossip(&mut pr, g, advertise_addr, inbound_listen, &listeners));
+
         if !pr.list.is_empty() {
             return Err(pr.finish(text));
         }
@@ -925,10 +972,137 @@ impl RawConfig {
             log: LogConfig { level, format },
             discovery: DiscoveryConfig { static_, docker },
             tls,
+            gossip,
             defaults,
             services,
         })
     }
+}
+
+/// `[gossip]`: every problem with its key; `None` when there was one.
+fn validate_gossip(
+    pr: &mut Problems,
+    g: &RawGossip,
+    advertise_addr: Option<IpAddr>,
+    inbound_listen: Option<SocketAddr>,
+    listeners: &[(Vec<Seg>, SocketAddr)],
+) -> Option<GossipConfig> {
+    let before = pr.list.len();
+    let listen = match &g.listen {
+        None => parse_default_addr(DEFAULT_GOSSIP_LISTEN),
+        Some(a) => socket_addr(pr, p!("gossip", "listen"), a)?,
+    };
+    // TCP and UDP ports do not clash, but one number for two things is a mistake waiting to happen in firewalls.
+    if let Some((key, _)) = listeners.iter().find(|(_, l)| {
+        listen.port() != 0 && l.port() == listen.port() && overlaps(l.ip(), listen.ip())
+    }) {
+        pr.push(
+            p!("gossip", "listen"),
+            format!(
+                "{listen} uses the same port as {}: give gossip its own port",
+                path(key)
+            ),
+        );
+    }
+    // The address peers reach this agent's gossip and inbound ports at: one IP for both.
+    let own_ip = advertise_addr.or((!listen.ip().is_unspecified()).then(|| listen.ip()));
+    if let (Some(ip), Some(inbound)) = (own_ip, inbound_listen)
+        && !inbound.ip().is_unspecified()
+        && inbound.ip() != ip
+    {
+        pr.push(
+            p!("inbound", "listen"),
+            format!(
+                "{inbound}: with [gossip], peers reach the inbound port at the gossip address {ip}: listen on \
+                 {ip} or on 0.0.0.0"
+            ),
+        );
+    }
+    let mut seeds = Vec::new();
+    for (i, seed) in g.seeds.iter().enumerate() {
+        let at = p!("gossip", "seeds", i);
+        match parse_seed(seed) {
+            Err(why) => pr.push(at, format!("{seed:?}: {why}")),
+            Ok((host, port)) => {
+                if let (Ok(ip), Some(own)) = (host.parse::<IpAddr>(), own_ip)
+                    && ip == own
+                    && (port == listen.port() || listen.port() == 0)
+                {
+                    pr.push(at, format!("{seed:?} is this agent's own gossip address"));
+                }
+                seeds.push(format!("{host}:{port}"));
+            }
+        }
+    }
+    let keyring = match &g.keyring {
+        Some(k) if !k.is_empty() => Some(std::path::PathBuf::from(k)),
+        _ => {
+            pr.push(
+                p!("gossip", "keyring"),
+                "missing: gossip needs a keyring file (make a key with `meshd gossip keygen > FILE`)",
+            );
+            None
+        }
+    };
+    let profile = match g.profile.as_deref() {
+        None | Some("lan") => GossipProfile::Lan,
+        Some("wan") => GossipProfile::Wan,
+        Some(other) => {
+            pr.push(
+                p!("gossip", "profile"),
+                format!("{other:?}: use \"lan\" or \"wan\""),
+            );
+            GossipProfile::Lan
+        }
+    };
+    let join_timeout = positive_duration(pr, p!("gossip", "join_timeout"), &g.join_timeout)
+        .unwrap_or(DEFAULT_JOIN_TIMEOUT);
+    if pr.list.len() != before {
+        return None;
+    }
+    Some(GossipConfig {
+        listen,
+        seeds,
+        keyring: keyring?,
+        profile,
+        join_timeout,
+    })
+}
+
+/// A seed: `IP:port`, `[v6]:port`, `name:port`, or an IP or name alone (port 4145).
+pub fn parse_seed(s: &str) -> Result<(String, u16), &'static str> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 || a.ip().is_unspecified() {
+            return Err("a seed needs a real address and a non-zero port");
+        }
+        return Ok((a.ip().to_string(), a.port()));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        if ip.is_unspecified() {
+            return Err("a seed needs a real address");
+        }
+        return Ok((ip.to_string(), DEFAULT_GOSSIP_PORT));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) if p != 0 => (h, p),
+            _ => return Err("the port must be a number from 1 to 65535"),
+        },
+        None => (s, DEFAULT_GOSSIP_PORT),
+    };
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !ok {
+        return Err("use IP:port or a DNS name with an optional :port");
+    }
+    Ok((host.to_ascii_lowercase(), port))
 }
 
 /// `[<section>] header_timeout, idle_timeout, max_connections`, with this section's defaults.

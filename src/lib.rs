@@ -19,8 +19,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod membership;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;

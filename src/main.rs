@@ -67,6 +67,22 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
         admin: SocketAddr,
     },
+    /// Members and services as tables, from a running agent's admin API.
+    Status {
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: SocketAddr,
+    },
+    /// Gossip keys.
+    Gossip {
+        #[command(subcommand)]
+        command: GossipCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GossipCommand {
+    /// Print a new gossip key (base64, 32 bytes) for a keyring file.
+    Keygen,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +164,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Health { admin } => health(admin),
+        Command::Status { admin } => meshd::cli::status::run(admin),
+        Command::Gossip {
+            command: GossipCommand::Keygen,
+        } => {
+            println!("{}", meshd::membership::keyring::generate_line());
+            ExitCode::SUCCESS
+        }
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -226,6 +249,18 @@ fn load(path: &PathBuf) -> Result<Config, ExitCode> {
         eprintln!("meshd: {}: problems with the [tls] files:", path.display());
         for (key, msg) in problems {
             eprintln!("  {key}: {msg}");
+        }
+        return Err(ExitCode::from(EXIT_CONFIG as u8));
+    }
+    if let Some(g) = &cfg.gossip
+        && let Err(problems) = meshd::membership::keyring::Keyring::read(&g.keyring)
+    {
+        eprintln!(
+            "meshd: {}: problems with the gossip keyring:",
+            path.display()
+        );
+        for p in problems {
+            eprintln!("  gossip.keyring: {p}");
         }
         return Err(ExitCode::from(EXIT_CONFIG as u8));
     }

@@ -35,16 +35,33 @@ pub fn apply_to_routing(config: &Config, routing: &RoutingHandle) {
     });
 }
 
+/// What a reload updates.
+pub struct Targets {
+    /// Where the new config is published.
+    pub config: watch::Sender<Arc<Config>>,
+    pub routing: RoutingHandle,
+    /// The `[tls]` files in use, re-read with every reload.
+    pub tls: Option<Arc<PeerTls>>,
+    /// Gossip, whose keyring is re-read with every reload.
+    pub membership: Option<crate::membership::Membership>,
+    /// `meshd_config_reload_failures_total`
+    pub failures: prometheus::IntCounter,
+}
+
 /// Serves reload requests until `shutdown`.
 pub async fn run(
     path: Option<PathBuf>,
     mut requests: mpsc::Receiver<Request>,
-    config: watch::Sender<Arc<Config>>,
-    routing: RoutingHandle,
-    tls: Option<Arc<PeerTls>>,
-    failures: prometheus::IntCounter,
+    targets: Targets,
     shutdown: CancellationToken,
 ) {
+    let Targets {
+        config,
+        routing,
+        tls,
+        membership,
+        failures,
+    } = targets;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         let reply = tokio::select! {
@@ -52,7 +69,7 @@ pub async fn run(
             r = requests.recv() => match r { Some(r) => Some(r), None => return },
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => None,
         };
-        let result = match reload(path.as_ref(), &config, &routing, tls.as_deref()) {
+        let mut result = match reload(path.as_ref(), &config, &routing, tls.as_deref()) {
             Ok(summary) => {
                 tracing::info!(%summary, "configuration reloaded");
                 Ok(summary)
@@ -75,6 +92,23 @@ pub async fn run(
                 ))
             }
         };
+        // The gossip keyring is re-read with every reload that got past the config file, so keys rotate
+        // install → use → remove by editing the file and sending SIGHUP.
+        let config_ok = !matches!(&result, Err(e) if !e.starts_with("tls:"));
+        if config_ok
+            && let Some(m) = &membership
+            && let Err(problems) = m.reload_keyring().await
+        {
+            let problems = problems.join("; ");
+            tracing::error!(%problems, "the gossip keyring is refused; the running keys stay in use");
+            let msg = format!("gossip.keyring: refused, the running keys stay in use: {problems}");
+            result = match result {
+                Ok(summary) => Err(format!(
+                    "{msg} (the rest of the configuration was {summary})"
+                )),
+                Err(e) => Err(format!("{e}; {msg}")),
+            };
+        }
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

@@ -44,6 +44,8 @@ pub struct Inbound {
     pub upstreams: Upstreams,
     pub metrics: ProxyMetrics,
     pub tunnels: Tunnels,
+    /// Gossip state sync from peers (`[gossip]`).
+    pub sync: Option<crate::membership::sync::SyncServer>,
 }
 
 /// The inbound request handler; one clone per connection.
@@ -77,6 +79,11 @@ impl Handler for InboundHandler {
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
             // The node its certificate proved (mutual TLS); `None` over plaintext.
             ctx.peer_identity = conn.peer_node.get().map(|n| Arc::from(n.as_str()));
+            if req.uri().path() == crate::membership::sync::SYNC_PATH
+                && !req.headers().contains_key(MESH_SERVICE)
+            {
+                return this.sync(&ctx, req).await;
+            }
             // Boxed, as on the outbound side: a large future, moved by hyper and the server.
             let (service, resp) = match Box::pin(this.proxy(&ctx, req)).await {
                 Ok((service, resp)) => (Some(service), resp),
@@ -101,6 +108,57 @@ impl Handler for InboundHandler {
 }
 
 impl Inbound {
+    /// A gossip state-sync request from a peer agent (never forwarded anywhere).
+    async fn sync(&self, ctx: &RequestCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+        use http_body_util::BodyExt;
+        let plaintext_ok = self.config.borrow().inbound.insecure_plaintext;
+        let refuse = |error: MeshError, detail: &str| {
+            self.metrics
+                .errors
+                .with_label_values(&[Direction::Inbound.as_str(), error.code()])
+                .inc();
+            tracing::debug!(peer = %ctx.peer, detail, "gossip sync refused");
+            error_response(error, false, detail)
+        };
+        let Some(server) = &self.sync else {
+            return refuse(MeshError::Forbidden, "this node does not gossip");
+        };
+        if ctx.peer_identity.is_none() && !plaintext_ok {
+            return refuse(MeshError::Forbidden, "state sync needs mutual TLS");
+        }
+        if req.method() != Method::POST {
+            return refuse(MeshError::BadRequest, "state sync is POST");
+        }
+        let body = match http_body_util::Limited::new(
+            req.into_body(),
+            crate::membership::sync::MAX_SYNC_BODY,
+        )
+        .collect()
+        .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return refuse(MeshError::BadRequest, "unreadable or oversized sync body"),
+        };
+        match server.handle(ctx.peer_identity.as_deref(), body).await {
+            Ok(bytes) => {
+                let mut resp = Response::new(Either::Right(Full::new(bytes)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-meshd-sync"),
+                );
+                resp
+            }
+            Err(r) => {
+                let error = match r.status {
+                    StatusCode::FORBIDDEN => MeshError::Forbidden,
+                    StatusCode::SERVICE_UNAVAILABLE => MeshError::RateLimited,
+                    _ => MeshError::BadRequest,
+                };
+                refuse(error, &r.detail)
+            }
+        }
+    }
+
     async fn proxy(
         &self,
         ctx: &RequestCtx,

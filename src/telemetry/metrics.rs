@@ -42,6 +42,68 @@ pub struct Metrics {
     /// `meshd_config_reload_failures_total`
     pub config_reload_failures: prometheus::IntCounter,
     pub tls: TlsMetrics,
+    pub gossip: GossipMetrics,
+}
+
+/// Gossip membership.
+#[derive(Clone)]
+pub struct GossipMetrics {
+    /// `meshd_gossip_members{state}`: alive, suspect, down (as this agent sees them, itself excluded).
+    pub members: IntGaugeVec,
+    /// `meshd_gossip_packets_total{direction,result}`: `in` by result (ok, or why dropped), `out` ok or error.
+    pub packets: IntCounterVec,
+    /// `meshd_gossip_bytes_total{direction}`: UDP payload bytes, sealed.
+    pub bytes: IntCounterVec,
+    /// `meshd_gossip_records_total{result}`: endpoint records received: accepted, stale, invalid.
+    pub records: IntCounterVec,
+    /// `meshd_gossip_syncs_total{result}`: state syncs this agent started: in-sync, repaired, failed.
+    pub syncs: IntCounterVec,
+    /// `meshd_gossip_keyring_reload_failures_total`
+    pub keyring_reload_failures: prometheus::IntCounter,
+}
+
+impl GossipMetrics {
+    fn new(reg: &prometheus::Registry) -> GossipMetrics {
+        let keyring_reload_failures = prometheus::IntCounter::new(
+            "meshd_gossip_keyring_reload_failures_total",
+            "Reloads of the gossip keyring refused (unreadable or malformed); the running keys stay",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(reg, keyring_reload_failures.clone());
+        GossipMetrics {
+            members: gauge(
+                reg,
+                "meshd_gossip_members",
+                "Gossip members this agent knows, by state (itself excluded)",
+                &["state"],
+            ),
+            packets: counter(
+                reg,
+                "meshd_gossip_packets_total",
+                "Gossip datagrams by direction and result (why a received one was dropped)",
+                &["direction", "result"],
+            ),
+            bytes: counter(
+                reg,
+                "meshd_gossip_bytes_total",
+                "Gossip bytes sent and received (sealed datagrams)",
+                &["direction"],
+            ),
+            records: counter(
+                reg,
+                "meshd_gossip_records_total",
+                "Endpoint records received by gossip or state sync, by result",
+                &["result"],
+            ),
+            syncs: counter(
+                reg,
+                "meshd_gossip_syncs_total",
+                "State syncs this agent started, by result",
+                &["result"],
+            ),
+            keyring_reload_failures,
+        }
+    }
 }
 
 /// Mutual TLS with peer agents.
@@ -117,6 +179,7 @@ impl Metrics {
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, config_reload_failures.clone());
         let tls = TlsMetrics::new(&inner);
+        let gossip = GossipMetrics::new(&inner);
         Metrics {
             inner,
             proxy,
@@ -126,6 +189,7 @@ impl Metrics {
             tunnels,
             config_reload_failures,
             tls,
+            gossip,
         }
     }
 

@@ -522,6 +522,8 @@ pub struct Agent {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+    /// The gossip socket (`[gossip]`).
+    pub gossip: Option<SocketAddr>,
     pub routing: meshd::routing::RoutingHandle,
     pub table: tokio::sync::watch::Receiver<Arc<meshd::routing::Table>>,
     stop: Option<oneshot::Sender<()>>,
@@ -593,6 +595,7 @@ async fn start_bound(bound: meshd::app::Bound) -> Agent {
         outbound: bound.outbound[0],
         inbound: bound.inbound,
         admin: bound.admin,
+        gossip: bound.gossip,
         routing: bound.routing.clone(),
         table: bound.table.clone(),
         stop: Some(tx),

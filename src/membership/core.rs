@@ -1,0 +1,976 @@
+//! The membership state machine, free of I/O: foca, its timers, packet sealing, endpoint records and what
+//! reaches the routing table. The UDP driver ([`super::driver`]) and the simulator (`bench/gossip_sim.rs`)
+//! both drive a [`Core`], each with its own clock and network; so what the simulator measures is what runs.
+//!
+//! Time is a `Duration` since an arbitrary start (monotonic), plus the wall clock in Unix milliseconds for
+//! packet timestamps.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, Timer};
+use rand::rngs::StdRng;
+
+use super::identity::{MeshCodec, NodeId};
+use super::keyring::Keyring;
+use super::records::{DigestEntry, NodeSnapshot, Outcome, ServiceRecord, Store, WireEndpoint};
+use super::seal::{self, Cluster, Rejected, ReplayWindow};
+use crate::config::GossipProfile;
+use crate::routing::{EndpointSpec, Update};
+
+/// What a broadcast record is about, so a newer version replaces an older one still being disseminated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordKey {
+    node: String,
+    service: String,
+    generation: u64,
+    version: u64,
+}
+
+impl Invalidates for RecordKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node == other.node
+            && self.service == other.service
+            && (self.generation, self.version) >= (other.generation, other.version)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RecordError(&'static str);
+
+/// Foca's custom broadcast handler: decodes, validates and stores endpoint records. A record is passed on only
+/// when it was news; an invalid one is dropped without failing the rest of the packet.
+pub struct Records(Arc<Mutex<Store>>);
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    // The store is plain data; a panic elsewhere cannot leave it half-updated in a way that matters.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BroadcastHandler<NodeId> for Records {
+    type Key = RecordKey;
+    type Error = RecordError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&NodeId>,
+    ) -> Result<Option<RecordKey>, RecordError> {
+        let Ok(r) = ServiceRecord::decode(data) else {
+            if sender.is_none() {
+                return Err(RecordError("undecodable own record"));
+            }
+            *lock(&self.0).counts.entry("invalid").or_default() += 1;
+            return Ok(None);
+        };
+        let key = |r: ServiceRecord| RecordKey {
+            node: r.node,
+            service: r.service,
+            generation: r.generation,
+            version: r.version,
+        };
+        // No sender: one of this host's own records, added to be disseminated.
+        if sender.is_none() {
+            return Ok(Some(key(r)));
+        }
+        match lock(&self.0).apply_record(&r) {
+            Outcome::New => Ok(Some(key(r))),
+            Outcome::Stale | Outcome::Unknown | Outcome::Invalid(_) => Ok(None),
+        }
+    }
+}
+
+/// Timing presets (`gossip.profile`).
+pub fn foca_config(profile: GossipProfile, cluster_size: u32) -> foca::Config {
+    let n = std::num::NonZeroU32::new(cluster_size.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let mut c = match profile {
+        GossipProfile::Lan => {
+            let mut c = foca::Config::new_lan(n);
+            // Probing every 1.5 s keeps idle traffic near 100 B/s per host with encryption; crashes are still
+            // seen within a few seconds.
+            c.probe_period = Duration::from_millis(1500);
+            c.probe_rtt = Duration::from_millis(500);
+            // With stale suspicion timers dropped (see `Core::handle_timers`) and 4·log10(N)+12 transmissions, the
+            // simulator sees no false downs at 10 % loss, and crashes are seen by all within ~7 s.
+            c.suspect_to_down_after = Duration::from_secs(4);
+            c.periodic_gossip = Some(foca::PeriodicParams {
+                frequency: Duration::from_millis(200),
+                num_members: std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN),
+            });
+            c
+        }
+        GossipProfile::Wan => foca::Config::new_wan(n),
+    };
+    // Seeds are re-announced by the driver and state sync repairs the rest: foca's own periodic announce would
+    // send a whole member feed every 30 s.
+    c.periodic_announce = None;
+    c.max_packet_size = std::num::NonZeroUsize::new(seal::MAX_DATAGRAM - seal::OVERHEAD)
+        .unwrap_or(std::num::NonZeroUsize::MIN);
+    c.remove_down_after = Duration::from_secs(120).into();
+    // A member that is down but still talks (the far side of a healed partition) is told so, and rejoins under
+    // a new generation. (foca 2.0 also sends this when a suspicion timer runs out after the member refuted;
+    // `Core::handle_timers` drops those timers, see there.)
+    c.notify_down_members = true;
+    // Every update is passed on more often than foca's 4·log10(N): at 10 % loss a refutation must reach every
+    // member before its suspicion runs out, or a live host is declared down.
+    let tx = (4.0 * f64::from(cluster_size.max(1) + 1).log10()).ceil() as u32 + 12;
+    c.max_transmissions =
+        std::num::NonZeroU8::new(tx.min(255) as u8).unwrap_or(c.max_transmissions);
+    c
+}
+
+/// Largest encoded record broadcast by gossip; bigger ones (services with very many endpoints on one host)
+/// travel by state sync only.
+pub const MAX_BROADCAST_RECORD: usize = 1000;
+
+/// State syncs right after joining, this far apart: a newcomer has the whole view within seconds.
+const JOIN_SYNCS: u8 = 3;
+const JOIN_SYNC_SPACING: Duration = Duration::from_secs(2);
+
+/// At most one repair sync (pulling a member's records from it) this often.
+pub const REPAIR_SPACING: Duration = Duration::from_secs(1);
+
+/// Members told directly when this agent leaves.
+const LEAVE_FANOUT: usize = 8;
+
+/// A member as the admin API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemberInfo {
+    pub name: String,
+    pub gossip_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub state: &'static str,
+    pub generation: u64,
+    /// Wall-clock Unix milliseconds of the last state change.
+    pub last_change_ms: u64,
+    pub endpoints: usize,
+}
+
+/// Counters the driver turns into metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// (direction, result) → packets.
+    pub packets: BTreeMap<(&'static str, &'static str), u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Stats {
+    fn packet(&mut self, direction: &'static str, result: &'static str) {
+        *self.packets.entry((direction, result)).or_default() += 1;
+    }
+}
+
+/// A timer, due at `at`.
+type Scheduled = Reverse<(Duration, u64, Timer<NodeId>)>;
+
+/// The membership state machine of one agent.
+pub struct Core {
+    foca: Foca<NodeId, MeshCodec, StdRng, Records>,
+    config: foca::Config,
+    rt: AccumulatingRuntime<NodeId>,
+    timers: BinaryHeap<Scheduled>,
+    seq: u64,
+    store: Arc<Mutex<Store>>,
+    keyring: Keyring,
+    cluster: Cluster,
+    replay: ReplayWindow,
+    /// Sealed datagrams to send.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// Changes for the routing table.
+    routing: Vec<Update>,
+    /// Active members by name.
+    members: HashMap<String, NodeId>,
+    /// Every member seen, with its state, for the admin API.
+    info: BTreeMap<String, MemberInfo>,
+    /// This host's own services: name → (version it last changed at, endpoints).
+    local: BTreeMap<String, (u64, Vec<EndpointSpec>)>,
+    local_version: u64,
+    joined: bool,
+    /// When the next extra state sync is due (a few in a row right after joining).
+    next_sync: Option<Duration>,
+    sync_burst: u8,
+    next_repair: Option<Duration>,
+    /// Deliver every timer as foca asks (the simulator's baseline); false in the agent.
+    plain_foca: bool,
+    /// This agent has left the cluster (shutting down).
+    left: bool,
+    /// Rotates the repair target among members without records.
+    repair_turn: usize,
+    pub stats: Stats,
+    buf: Vec<u8>,
+    wall_ms: u64,
+    now: Duration,
+}
+
+impl Core {
+    pub fn new(
+        id: NodeId,
+        config: foca::Config,
+        rng: StdRng,
+        keyring: Keyring,
+        cluster: Cluster,
+    ) -> Core {
+        let store = Arc::new(Mutex::new(Store::new(&id.name)));
+        let foca = Foca::with_custom_broadcast(
+            id,
+            config.clone(),
+            rng,
+            MeshCodec::default(),
+            Records(store.clone()),
+        );
+        Core {
+            foca,
+            config,
+            rt: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            seq: 0,
+            store,
+            keyring,
+            cluster,
+            replay: ReplayWindow::new(),
+            outbox: Vec::new(),
+            routing: Vec::new(),
+            members: HashMap::new(),
+            info: BTreeMap::new(),
+            local: BTreeMap::new(),
+            local_version: 0,
+            joined: false,
+            next_sync: None,
+            sync_burst: 0,
+            next_repair: None,
+            plain_foca: false,
+            left: false,
+            repair_turn: 0,
+            stats: Stats::default(),
+            buf: Vec::new(),
+            wall_ms: 0,
+            now: Duration::ZERO,
+        }
+    }
+
+    pub fn identity(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Baseline for the simulator: deliver foca's timers unfiltered, as a plain foca runtime would.
+    pub fn set_plain_foca(&mut self, plain: bool) {
+        self.plain_foca = plain;
+    }
+
+    pub fn set_keyring(&mut self, keyring: Keyring) {
+        self.keyring = keyring;
+    }
+
+    /// Whether this agent has been accepted by at least one member (since the last time it had none).
+    pub fn joined(&self) -> bool {
+        self.joined
+    }
+
+    fn clock(&mut self, now: Duration, wall_ms: u64) {
+        self.now = now;
+        self.wall_ms = wall_ms;
+    }
+
+    /// One received datagram.
+    pub fn handle_datagram(&mut self, now: Duration, wall_ms: u64, data: &[u8]) {
+        self.clock(now, wall_ms);
+        self.stats.bytes_in += data.len() as u64;
+        let mut plain = std::mem::take(&mut self.buf);
+        let result = seal::open(
+            &self.keyring,
+            &self.cluster,
+            &mut self.replay,
+            wall_ms,
+            data,
+            &mut plain,
+        );
+        match result {
+            Err(r) => self.stats.packet("in", r.as_str()),
+            Ok(()) => self.payload(&plain),
+        }
+        self.buf = plain;
+        self.drain();
+    }
+
+    /// An opened datagram's payload (what [`seal::open`] returns), for the fuzz target and tests: the same path
+    /// as [`Core::handle_datagram`] after decryption.
+    pub fn handle_payload(&mut self, now: Duration, wall_ms: u64, payload: &[u8]) {
+        self.clock(now, wall_ms);
+        self.payload(payload);
+        self.drain();
+    }
+
+    fn payload(&mut self, plain: &[u8]) {
+        match self.foca.handle_data(plain, &mut self.rt) {
+            Ok(()) => self.stats.packet("in", "ok"),
+            Err(e) => {
+                let result = match e {
+                    foca::Error::DataFromOurselves => "from-self",
+                    foca::Error::DataTooBig => Rejected::Oversized.as_str(),
+                    _ => "malformed",
+                };
+                tracing::debug!(error = %e, "dropped a gossip packet");
+                self.stats.packet("in", result)
+            }
+        }
+    }
+
+    /// When the next timer is due.
+    pub fn next_timer(&self) -> Option<Duration> {
+        self.timers.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Delivers every timer due by `now`, in order.
+    pub fn handle_timers(&mut self, now: Duration, wall_ms: u64) {
+        self.clock(now, wall_ms);
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, timer))) = self.timers.pop() else {
+                break;
+            };
+            // foca 2.0 answers every expired suspicion timer with TurnUndead to the member, even when it refuted
+            // in time; the member then declares itself down and rejoins under a new generation, a false "down"
+            // everywhere. Found by the simulator (bench/gossip_sim.rs): deliver the timer only while the
+            // suspicion it ends still stands.
+            if let Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &timer
+                && !self.plain_foca
+                && !self.foca.iter_members().any(|m| {
+                    m.id() == member_id
+                        && m.state() == foca::State::Suspect
+                        && m.incarnation() == *incarnation
+                })
+            {
+                continue;
+            }
+            if let Err(e) = self.foca.handle_timer(timer, &mut self.rt) {
+                tracing::debug!(error = %e, "gossip timer");
+            }
+            self.drain();
+        }
+    }
+
+    /// Sends an announce to a seed (only its address is known).
+    pub fn announce(&mut self, now: Duration, wall_ms: u64, seed: SocketAddr) {
+        self.clock(now, wall_ms);
+        if let Err(e) = self.foca.announce(NodeId::seed(seed), &mut self.rt) {
+            tracing::debug!(error = %e, %seed, "gossip announce");
+        }
+        self.drain();
+    }
+
+    /// Whether an active member has this gossip address.
+    pub fn knows_addr(&self, addr: SocketAddr) -> bool {
+        self.members.values().any(|m| m.addr == addr)
+    }
+
+    /// Leaves the cluster: peers stop routing to this host at once.
+    pub fn leave(&mut self, now: Duration, wall_ms: u64) {
+        self.clock(now, wall_ms);
+        // Tell more members than a normal gossip round does: this is the only chance (foca's leave gossips
+        // to `num_indirect_probes` members once).
+        self.left = true;
+        let mut config = self.config.clone();
+        config.num_indirect_probes =
+            std::num::NonZeroUsize::new(LEAVE_FANOUT).unwrap_or(config.num_indirect_probes);
+        if let Err(e) = self.foca.set_config(config) {
+            tracing::debug!(error = %e, "gossip leave fan-out");
+        }
+        if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
+            tracing::debug!(error = %e, "gossip leave");
+        }
+        self.drain();
+    }
+
+    /// This host's endpoints changed: disseminate a record per service that differs.
+    pub fn set_local(
+        &mut self,
+        now: Duration,
+        wall_ms: u64,
+        local: &BTreeMap<String, Vec<EndpointSpec>>,
+    ) {
+        self.clock(now, wall_ms);
+        let mut changed: Vec<String> = local
+            .iter()
+            .filter(|(name, specs)| self.local.get(*name).is_none_or(|(_, old)| old != *specs))
+            .map(|(name, _)| name.clone())
+            .collect();
+        changed.extend(
+            self.local
+                .iter()
+                .filter(|(name, (_, specs))| !specs.is_empty() && !local.contains_key(*name))
+                .map(|(name, _)| name.clone()),
+        );
+        for name in changed {
+            let specs = local.get(&name).cloned().unwrap_or_default();
+            self.publish_local(name, specs);
+        }
+        self.drain();
+    }
+
+    fn publish_local(&mut self, service: String, specs: Vec<EndpointSpec>) {
+        let prev = self.local_version;
+        self.local_version += 1;
+        let id = self.foca.identity();
+        let record = ServiceRecord {
+            node: id.name.to_string(),
+            generation: id.generation,
+            prev,
+            version: self.local_version,
+            service: service.clone(),
+            endpoints: specs.iter().map(WireEndpoint::from_spec).collect(),
+        };
+        self.local.insert(service, (self.local_version, specs));
+        let data = record.encode();
+        if data.len() > MAX_BROADCAST_RECORD {
+            // Peers see the gap in versions and fetch the set by state sync.
+            tracing::debug!(service = %record.service, bytes = data.len(), "record too large for gossip; it travels by state sync");
+            return;
+        }
+        if let Err(e) = self.foca.add_broadcast(&data) {
+            tracing::debug!(error = %e, "gossip broadcast");
+        }
+    }
+
+    /// This host's own records as a snapshot.
+    fn own_snapshot(&self) -> NodeSnapshot {
+        let id = self.foca.identity();
+        NodeSnapshot {
+            node: id.name.to_string(),
+            generation: id.generation,
+            version: self.local_version,
+            services: self
+                .local
+                .iter()
+                .filter(|(_, (_, specs))| !specs.is_empty())
+                .map(|(name, (v, specs))| {
+                    (
+                        name.clone(),
+                        *v,
+                        specs.iter().map(WireEndpoint::from_spec).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// After every foca call: seal what it sends, schedule its timers, act on its notifications, and turn
+    /// record changes into routing updates.
+    fn drain(&mut self) {
+        while let Some((dst, data)) = self.rt.to_send() {
+            let mut out = Vec::with_capacity(data.len() + seal::OVERHEAD);
+            seal::seal(&self.keyring, &self.cluster, self.wall_ms, &data, &mut out);
+            self.stats.bytes_out += out.len() as u64;
+            self.stats.packet("out", "ok");
+            self.outbox.push((dst.addr, out));
+        }
+        while let Some((after, timer)) = self.rt.to_schedule() {
+            self.seq += 1;
+            self.timers
+                .push(Reverse((self.now + after, self.seq, timer)));
+        }
+        while let Some(n) = self.rt.to_notify() {
+            self.notified(n);
+        }
+        let changed = lock(&self.store).take_changed();
+        if changed.is_empty() {
+            return;
+        }
+        let store = lock(&self.store);
+        for (node, service) in changed {
+            let Some(m) = self.members.get(&node) else {
+                continue;
+            };
+            if let Some(endpoints) = store.service_endpoints(&node, m.generation, &service) {
+                self.routing.push(Update::SetRemoteService {
+                    node: node.clone(),
+                    inbound: m.inbound(),
+                    service,
+                    endpoints,
+                });
+            }
+        }
+    }
+
+    fn set_info(&mut self, id: &NodeId, state: &'static str) {
+        let endpoints = lock(&self.store).endpoint_count(&id.name);
+        self.info.insert(
+            id.name.to_string(),
+            MemberInfo {
+                name: id.name.to_string(),
+                gossip_addr: id.addr,
+                inbound_addr: id.inbound(),
+                state,
+                generation: id.generation,
+                last_change_ms: self.wall_ms,
+                endpoints,
+            },
+        );
+    }
+
+    fn member_up(&mut self, id: NodeId) {
+        // A newer run of that name is already routed (an old identity resurfacing from a peer's list).
+        if self
+            .members
+            .get(&*id.name)
+            .is_some_and(|m| m.generation > id.generation)
+        {
+            return;
+        }
+        tracing::info!(node = %id.name, addr = %id.addr, generation = id.generation, "member up");
+        self.set_info(&id, "alive");
+        let endpoints = {
+            let mut store = lock(&self.store);
+            store.set_member(&id.name, Some(id.generation));
+            store.endpoints(&id.name, id.generation).unwrap_or_default()
+        };
+        self.routing.push(Update::SetRemote {
+            node: id.name.to_string(),
+            inbound: id.inbound(),
+            endpoints,
+        });
+        self.members.insert(id.name.to_string(), id);
+    }
+
+    fn member_down(&mut self, id: &NodeId) {
+        tracing::info!(node = %id.name, generation = id.generation, "member down");
+        self.set_info(id, "down");
+        let routed = self
+            .members
+            .get(&*id.name)
+            .is_some_and(|m| m.generation <= id.generation);
+        lock(&self.store).bury(&id.name, id.generation);
+        if routed {
+            self.members.remove(&*id.name);
+            lock(&self.store).set_member(&id.name, None);
+            self.routing.push(Update::RemoveRemote {
+                node: id.name.to_string(),
+            });
+            // Another live identity with that name (the host came back at another address) takes over.
+            let next = self
+                .foca
+                .iter_members()
+                .filter(|m| m.id().name == id.name && m.id() != id)
+                .max_by_key(|m| m.id().generation)
+                .map(|m| m.id().clone());
+            if let Some(next) = next {
+                self.member_up(next);
+            }
+        }
+    }
+
+    fn notified(&mut self, n: OwnedNotification<NodeId>) {
+        match n {
+            OwnedNotification::MemberUp(id) => self.member_up(id),
+            OwnedNotification::MemberDown(id) => self.member_down(&id),
+            OwnedNotification::Rename(old, new) => {
+                tracing::info!(node = %new.name, old = old.generation, new = new.generation, "member restarted");
+                let was_active = self.members.contains_key(&*old.name);
+                self.member_down(&old);
+                if was_active && self.foca.iter_members().any(|m| m.id() == &new) {
+                    self.member_up(new);
+                }
+            }
+            OwnedNotification::Active => {
+                tracing::info!("joined the gossip cluster");
+                self.joined = true;
+                self.next_sync = Some(self.now);
+                self.sync_burst = JOIN_SYNCS;
+            }
+            OwnedNotification::Idle => {
+                tracing::warn!("no live gossip members left");
+                self.joined = false;
+            }
+            OwnedNotification::Rejoin(id) => {
+                tracing::warn!(
+                    generation = id.generation,
+                    "this agent was declared down; rejoined with a new generation"
+                );
+                self.republish_all();
+            }
+            // Also what leaving the cluster ends with.
+            OwnedNotification::Defunct if self.left => {}
+            OwnedNotification::Defunct => {
+                tracing::error!("this agent was declared down and cannot rejoin");
+            }
+        }
+    }
+
+    /// After a change of generation: every service again, from version 1.
+    fn republish_all(&mut self) {
+        let local = std::mem::take(&mut self.local);
+        self.local_version = 0;
+        for (name, (_, specs)) in local {
+            if !specs.is_empty() {
+                self.publish_local(name, specs);
+            }
+        }
+    }
+
+    /// Takes the datagrams to send.
+    pub fn take_outbox(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Takes the routing updates produced so far.
+    pub fn take_routing(&mut self) -> Vec<Update> {
+        std::mem::take(&mut self.routing)
+    }
+
+    /// Whether an extra state sync should start now (right after joining: a few, two seconds apart).
+    pub fn take_sync_due(&mut self, now: Duration) -> bool {
+        match self.next_sync {
+            Some(at) if now >= at => {
+                self.sync_burst = self.sync_burst.saturating_sub(1);
+                self.next_sync = (self.sync_burst > 0).then(|| now + JOIN_SYNC_SPACING);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A member this agent has no records of at all, to pull them from it directly (at most every
+    /// [`REPAIR_SPACING`]); gossip or a random sync may have missed it.
+    pub fn take_repair_target(&mut self, now: Duration) -> Option<NodeId> {
+        if self.next_repair.is_some_and(|t| now < t) {
+            return None;
+        }
+        let store = lock(&self.store);
+        let missing: Vec<&NodeId> = self
+            .members
+            .values()
+            .filter(|m| {
+                store
+                    .version(&m.name)
+                    .is_none_or(|(g, _)| g != m.generation)
+            })
+            .collect();
+        // In turn, so one member whose sync keeps failing does not keep the others waiting.
+        self.repair_turn = self.repair_turn.wrapping_add(1);
+        let target =
+            (!missing.is_empty()).then(|| missing[self.repair_turn % missing.len()].clone());
+        drop(store);
+        if target.is_some() {
+            self.next_repair = Some(now + REPAIR_SPACING);
+        }
+        target
+    }
+
+    /// Live members and this agent: what a state sync tells a peer.
+    pub fn live_members(&self) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = self.members.values().cloned().collect();
+        out.push(self.foca.identity().clone());
+        out.truncate(super::sync::MAX_SNAPSHOTS);
+        out
+    }
+
+    /// Members a peer knows: foca takes them as alive unless it knows better (a later incarnation, a newer
+    /// generation, or down — which is final for that identity).
+    pub fn learn_members(&mut self, now: Duration, wall_ms: u64, ids: Vec<NodeId>) {
+        self.clock(now, wall_ms);
+        let own = self.foca.identity().clone();
+        let fresh: Vec<foca::Member<NodeId>> = ids
+            .into_iter()
+            .take(super::sync::MAX_SNAPSHOTS)
+            .filter(|id| {
+                id.check().is_ok() && id.addr != own.addr && !self.members.values().any(|m| m == id)
+            })
+            .map(foca::Member::alive)
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        if let Err(e) = self.foca.apply_many(fresh.into_iter(), false, &mut self.rt) {
+            tracing::debug!(error = %e, "members from state sync");
+        }
+        self.drain();
+    }
+
+    /// A random active member to sync with.
+    pub fn sync_peer(&self, pick: usize) -> Option<NodeId> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        self.members.values().nth(pick % n).cloned()
+    }
+
+    /// Active members, by name.
+    pub fn member(&self, name: &str) -> Option<&NodeId> {
+        self.members.get(name)
+    }
+
+    pub fn num_members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Forgets down members shown for longer than foca remembers them (two minutes).
+    pub fn prune(&mut self, wall_ms: u64) {
+        self.info
+            .retain(|_, m| m.state != "down" || wall_ms.saturating_sub(m.last_change_ms) < 120_000);
+    }
+
+    /// Every member seen (including down ones foca still remembers), for the admin API.
+    pub fn members_info(&self) -> Vec<MemberInfo> {
+        let store = lock(&self.store);
+        let mut out: Vec<MemberInfo> = self
+            .info
+            .values()
+            .cloned()
+            .map(|mut m| {
+                if let Some(id) = self.members.get(&m.name) {
+                    m.endpoints = store.endpoint_count(&id.name);
+                    m.state = match self
+                        .foca
+                        .iter_members()
+                        .find(|x| x.id() == id)
+                        .map(|x| x.state())
+                    {
+                        Some(foca::State::Suspect) => "suspect",
+                        _ => "alive",
+                    };
+                } else {
+                    m.endpoints = 0;
+                }
+                m
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Counts of members by state: alive, suspect, down.
+    pub fn member_counts(&self) -> [(&'static str, usize); 3] {
+        let mut alive = 0;
+        let mut suspect = 0;
+        for m in self.foca.iter_members() {
+            match m.state() {
+                foca::State::Suspect => suspect += 1,
+                _ => alive += 1,
+            }
+        }
+        let down = self.info.values().filter(|m| m.state == "down").count();
+        [("alive", alive), ("suspect", suspect), ("down", down)]
+    }
+
+    // --- state sync -------------------------------------------------------------------------------------
+
+    /// The digest of every live member's records (and ours): what a sync compares.
+    pub fn digest(&self) -> Vec<DigestEntry> {
+        let store = lock(&self.store);
+        let id = self.foca.identity();
+        let mut out = vec![DigestEntry {
+            node: id.name.to_string(),
+            generation: id.generation,
+            version: self.local_version,
+        }];
+        for m in self.members.values() {
+            if let Some((generation, version)) = store.version(&m.name) {
+                out.push(DigestEntry {
+                    node: m.name.to_string(),
+                    generation,
+                    version,
+                });
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A short hash of the digest: two agents that agree skip the rest of the sync.
+    pub fn digest_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.digest().hash(&mut h);
+        h.finish()
+    }
+
+    /// Given a peer's digest: the snapshots it lacks (ours newer), and the nodes it knows newer than us.
+    pub fn compare(&self, theirs: &[DigestEntry]) -> (Vec<NodeSnapshot>, Vec<String>) {
+        let mine = self.digest();
+        let theirs_by: HashMap<&str, (u64, u64)> = theirs
+            .iter()
+            .map(|e| (e.node.as_str(), (e.generation, e.version)))
+            .collect();
+        let mut give = Vec::new();
+        let store = lock(&self.store);
+        let own = self.foca.identity().name.clone();
+        for e in &mine {
+            if theirs_by
+                .get(e.node.as_str())
+                .is_none_or(|t| *t < (e.generation, e.version))
+            {
+                let snap = if *e.node == *own {
+                    Some(self.own_snapshot())
+                } else {
+                    store.snapshot(&e.node)
+                };
+                give.extend(snap);
+            }
+        }
+        let mine_by: HashMap<&str, (u64, u64)> = mine
+            .iter()
+            .map(|e| (e.node.as_str(), (e.generation, e.version)))
+            .collect();
+        let want = theirs
+            .iter()
+            .filter(|e| {
+                *e.node != *own
+                    && mine_by
+                        .get(e.node.as_str())
+                        .is_none_or(|m| *m < (e.generation, e.version))
+            })
+            .map(|e| e.node.clone())
+            .take(super::sync::MAX_SNAPSHOTS)
+            .collect();
+        (give, want)
+    }
+
+    /// Snapshots of the named nodes (what a peer asked for).
+    pub fn snapshots(&self, nodes: &[String]) -> Vec<NodeSnapshot> {
+        let own = self.foca.identity().name.clone();
+        let store = lock(&self.store);
+        nodes
+            .iter()
+            .take(super::sync::MAX_SNAPSHOTS)
+            .filter_map(|n| {
+                if **n == *own {
+                    Some(self.own_snapshot())
+                } else {
+                    store.snapshot(n)
+                }
+            })
+            .collect()
+    }
+
+    /// Applies snapshots from a sync with `peer` (the node its certificate proved); returns how many were news.
+    pub fn apply_snapshots(&mut self, peer: &str, snaps: &[NodeSnapshot]) -> usize {
+        let mut new = 0;
+        {
+            let mut store = lock(&self.store);
+            for s in snaps.iter().take(super::sync::MAX_SNAPSHOTS) {
+                if store.apply_snapshot(s, s.node == peer) == Outcome::New {
+                    new += 1;
+                }
+            }
+        }
+        self.drain();
+        new
+    }
+
+    /// Record outcomes so far (accepted, stale, invalid).
+    pub fn record_counts(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.store).counts.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+
+    fn core(i: u8) -> Core {
+        let id = NodeId {
+            name: Arc::from(format!("n{i}").as_str()),
+            addr: SocketAddr::from(([10, 0, 0, i], 4145)),
+            inbound_port: 4143,
+            generation: 1,
+        };
+        Core::new(
+            id,
+            foca_config(GossipProfile::Lan, 10),
+            StdRng::seed_from_u64(u64::from(i)),
+            Keyring::from_keys(&[[3u8; 32]]).unwrap(),
+            Cluster::new("test"),
+        )
+    }
+
+    /// Real payloads: an announce from A, B's feed back, then A's records.
+    fn real_payloads() -> Vec<Vec<u8>> {
+        let (mut a, mut b) = (core(1), core(2));
+        let (keys, cluster) = (
+            Keyring::from_keys(&[[3u8; 32]]).unwrap(),
+            Cluster::new("test"),
+        );
+        let mut replay = ReplayWindow::new();
+        let mut out = Vec::new();
+        let local: BTreeMap<String, Vec<EndpointSpec>> = [(
+            "users".to_string(),
+            vec![EndpointSpec {
+                service: "users".into(),
+                addr: "10.1.0.1:80".parse().unwrap(),
+                protocol: crate::config::Protocol::Http,
+                weight: 100,
+            }],
+        )]
+        .into();
+        a.set_local(Duration::ZERO, 1_000, &local);
+        a.announce(Duration::ZERO, 1_000, b.identity().addr);
+        let mut payloads = Vec::new();
+        for _ in 0..4 {
+            for (_, d) in a.take_outbox() {
+                seal::open(&keys, &cluster, &mut replay, 1_000, &d, &mut out).unwrap();
+                payloads.push(out.clone());
+                b.handle_payload(Duration::ZERO, 1_000, &out);
+            }
+            for (_, d) in b.take_outbox() {
+                seal::open(&keys, &cluster, &mut replay, 1_000, &d, &mut out).unwrap();
+                payloads.push(out.clone());
+                a.handle_payload(Duration::ZERO, 1_000, &out);
+            }
+            a.handle_timers(Duration::from_secs(1), 2_000);
+        }
+        assert!(b.member("n1").is_some(), "B learned A from the exchange");
+        payloads
+    }
+
+    #[test]
+    fn records_reach_routing_through_real_payloads() {
+        let mut b = core(2);
+        for p in real_payloads() {
+            b.handle_payload(Duration::ZERO, 1_000, &p);
+        }
+        let updates = b.take_routing();
+        assert!(
+            updates
+                .iter()
+                .any(|u| matches!(u, Update::SetRemote { node, .. } if node == "n1")),
+            "{updates:?}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(data in proptest::collection::vec(any::<u8>(), 0..1400)) {
+            let mut c = core(9);
+            c.handle_payload(Duration::ZERO, 1_000, &data);
+        }
+
+        #[test]
+        fn mutated_real_payloads_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let payloads = real_payloads();
+            let mut c = core(9);
+            for p in payloads {
+                let mut p = p.clone();
+                for (at, byte) in &flips {
+                    if !p.is_empty() {
+                        let i = at % p.len();
+                        p[i] ^= byte;
+                    }
+                }
+                c.handle_payload(Duration::ZERO, 1_000, &p);
+            }
+        }
+    }
+}
