@@ -31,15 +31,7 @@ const BEGIN: &str = "<!-- docker-discovery:begin -->";
 const END: &str = "<!-- docker-discovery:end -->";
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        // nextest/libtest listing: this target holds no tests.
-        return;
-    }
-    if !args.iter().any(|a| a == "--bench") {
-        println!(
-            "docker_discovery: a benchmark; run it with `cargo bench --bench docker_discovery`"
-        );
+    if !report::bench_requested("docker_discovery") {
         return;
     }
     let runs: usize = std::env::var("RUNS")

@@ -31,10 +31,6 @@ const ENDPOINTS_PER_SERVICE: usize = 5;
 const SEEDS: usize = 3;
 const WALL_BASE_MS: u64 = 1_800_000_000_000;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 #[derive(Debug)]
 enum Ev {
     Packet {
@@ -559,17 +555,9 @@ fn mass_join(
     (sim, times, done)
 }
 
-/// False removals under plain foca (new_lan timings, notify_down_members, every timer delivered) at 10 % loss
-/// with the stalled host; the cluster is joined with meshd's sync so the comparison starts from a full view.
-fn plain_false_downs(n: usize, span: Duration) -> String {
-    let plain = || foca::Config::new_lan(std::num::NonZeroU32::new(100).unwrap());
-    let (mut sim, _, _) = mass_join(n, true, plain, Duration::from_secs(60));
-    for x in &mut sim.nodes {
-        x.core.set_plain_foca(true);
-    }
-    sim.net.loss = 0.1;
-    let before = sim.false_removals();
-    let stalled = n / 2;
+/// Runs the simulation for `span` with host `stalled` frozen for 500 ms every 5 s (what arrives meanwhile is
+/// handled when it wakes: datagrams first, then timers, as the driver does).
+fn run_with_a_stalled_host(sim: &mut Sim, stalled: usize, span: Duration) {
     let t0 = sim.now;
     let mut t = t0;
     while t < t0 + span {
@@ -582,6 +570,19 @@ fn plain_false_downs(n: usize, span: Duration) -> String {
         t += Duration::from_secs(5);
     }
     sim.run_until(t0 + span);
+}
+
+/// False removals under plain foca (new_lan timings, notify_down_members, every timer delivered) at 10 % loss
+/// with the stalled host; the cluster is joined with meshd's sync so the comparison starts from a full view.
+fn plain_false_downs(n: usize, span: Duration) -> String {
+    let plain = || foca::Config::new_lan(std::num::NonZeroU32::new(100).unwrap());
+    let (mut sim, _, _) = mass_join(n, true, plain, Duration::from_secs(60));
+    for x in &mut sim.nodes {
+        x.core.set_plain_foca(true);
+    }
+    sim.net.loss = 0.1;
+    let before = sim.false_removals();
+    run_with_a_stalled_host(&mut sim, n / 2, span);
     format!(
         "| the same, plain foca (new_lan, every timer delivered), {:.0} min | {} | the baseline |\n",
         span.as_secs_f64() / 60.0,
@@ -590,26 +591,11 @@ fn plain_false_downs(n: usize, span: Duration) -> String {
 }
 
 fn ours() -> foca::Config {
-    let mut c = foca_config(GossipProfile::Lan, 100);
-    if let Some(s) = std::env::var("SIM_SUSPECT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        c.suspect_to_down_after = Duration::from_secs(s);
-    }
-    if let Some(s) = std::env::var("SIM_TX").ok().and_then(|s| s.parse().ok()) {
-        c.max_transmissions = std::num::NonZeroU8::new(s).unwrap();
-    }
-    c
+    foca_config(GossipProfile::Lan, 100)
 }
 
 fn main() {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.iter().any(|a| a == "--list") {
-        return;
-    }
-    if !argv.iter().any(|a| a == "--bench") {
-        println!("gossip_sim: a benchmark; run it with `cargo bench --bench gossip_sim`");
+    if !report::bench_requested("gossip_sim") {
         return;
     }
     if let Ok(filter) = std::env::var("SIM_TRACE") {
@@ -676,10 +662,7 @@ fn main() {
 
     // 3. Endpoint update propagation, 0 % and 10 % loss.
     for (round, loss) in [0.0, 0.1].into_iter().enumerate() {
-        sim.net.loss = std::env::var("SIM_FORCE_LOSS")
-            .ok()
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(loss);
+        sim.net.loss = loss;
         let mut p999 = Vec::new();
         for trial in 0..10 {
             let origin = (trial * 97 + 13 + round * 31) % n;
@@ -704,19 +687,6 @@ fn main() {
             let mut seen: Vec<f64> = first.into_values().collect();
             seen.sort_by(|a, b| a.total_cmp(b));
             let need = ((n - 1) as f64 * 0.999).ceil() as usize;
-            if std::env::var("SIM_DEBUG").is_ok() {
-                let members = sim
-                    .nodes
-                    .iter()
-                    .filter(|x| x.core.member(&format!("n{origin}")).is_some())
-                    .count();
-                eprintln!(
-                    "trial {trial} loss {loss}: {} of {} saw it; {members} have the origin as a member; records {:?}",
-                    seen.len(),
-                    n - 1,
-                    sim.nodes[(origin + 1) % n].core.record_counts()
-                );
-            }
             p999.push(
                 seen.get(need.saturating_sub(1))
                     .copied()
@@ -761,42 +731,9 @@ fn main() {
     rows.push(line);
 
     // 5. False downs: an hour at 10 % loss with one host stalled 500 ms every 5 s.
-    if let Ok(l) = std::env::var("SIM_LOSS") {
-        sim.net.loss = l.parse().unwrap_or(0.1);
-    }
     let before = sim.false_removals();
-    let stalled = (n / 2) % n;
-    let t0 = sim.now;
-    let mut t = t0;
-    while t < t0 + a.hour {
-        sim.run_until(t);
-        if std::env::var("SIM_NO_STALL").is_err() {
-            sim.nodes[stalled].stalled_until = Some(t + Duration::from_millis(500));
-            sim.push(
-                t + Duration::from_millis(500),
-                Ev::Unstall { node: stalled },
-            );
-        }
-        t += Duration::from_secs(5);
-    }
-    sim.run_until(t0 + a.hour);
+    run_with_a_stalled_host(&mut sim, n / 2, a.hour);
     let falses = sim.false_removals() - before;
-    if std::env::var("SIM_DEBUG").is_ok() {
-        let mut by: BTreeMap<usize, usize> = BTreeMap::new();
-        for (t, _, o) in &sim.removals {
-            if *t >= t0 && !sim.nodes[*o].crashed {
-                *by.entry(*o).or_default() += 1;
-            }
-        }
-        eprintln!("false removals by origin (stalled = {stalled}): {by:?}");
-        let mut results: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for x in &sim.nodes {
-            for (k, v) in &x.core.stats.packets {
-                *results.entry(*k).or_default() += v;
-            }
-        }
-        eprintln!("packet results: {results:?}");
-    }
     let line = format!(
         "| false removals of live hosts in {:.0} min, 10 % loss, one host stalled 500 ms every 5 s | {falses} | goal 0 |\n",
         a.hour.as_secs_f64() / 60.0
@@ -847,7 +784,6 @@ fn main() {
         report.push_str(&r);
     }
     report.push('\n');
-    let _ = ms;
     print!("{report}");
     if a.write {
         report::write_section(BEGIN, END, &report);

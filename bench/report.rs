@@ -24,3 +24,17 @@ pub fn write_section(begin: &str, end: &str, report: &str) {
     std::fs::write(&path, new).expect("writing docs/benchmarks.md");
     println!("wrote {}", path.display());
 }
+
+/// Whether this run is `cargo bench --bench NAME`. Under `cargo test`/`cargo nextest` (a `--list`, or no
+/// `--bench` argument) a bench target holds no tests and does nothing.
+pub fn bench_requested(name: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return false;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        println!("{name}: a benchmark; run it with `cargo bench --bench {name}`");
+        return false;
+    }
+    true
+}

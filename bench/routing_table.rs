@@ -50,12 +50,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return;
-    }
-    if !args.iter().any(|a| a == "--bench") {
-        println!("routing_table: a benchmark; run it with `cargo bench --bench routing_table`");
+    if !report::bench_requested("routing_table") {
         return;
     }
     let iterations = env("ITERATIONS", 5000).max(1);

@@ -40,12 +40,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return;
-    }
-    if !args.iter().any(|a| a == "--bench") {
-        println!("two_hops: a benchmark; run it with `cargo bench --bench two_hops`");
+    if !report::bench_requested("two_hops") {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -69,46 +69,47 @@ pub async fn run(
             r = requests.recv() => match r { Some(r) => Some(r), None => return },
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => None,
         };
-        let mut result = match reload(path.as_ref(), &config, &routing, tls.as_deref()) {
-            Ok(summary) => {
+        let outcome = reload(path.as_ref(), &config, &routing, tls.as_deref());
+        // The gossip keyring is re-read with every reload that got past the config file, so keys rotate
+        // install → use → remove by editing the file and sending SIGHUP.
+        let keyring = match (&outcome, &membership) {
+            (Err(Refused::Config(_)), _) | (_, None) => Ok(()),
+            (_, Some(m)) => m.reload_keyring().await.map_err(|problems| {
+                let problems = problems.join("; ");
+                tracing::error!(%problems, "the gossip keyring is refused; the running keys stay in use");
+                format!("gossip.keyring: refused, the running keys stay in use: {problems}")
+            }),
+        };
+        let result = match (outcome, keyring) {
+            (Ok(summary), Ok(())) => {
                 tracing::info!(%summary, "configuration reloaded");
                 Ok(summary)
             }
-            Err(Refused::Config(problems)) => {
+            (Ok(summary), Err(keys)) => Err(format!(
+                "{keys} (the rest of the configuration was {summary})"
+            )),
+            (Err(Refused::Config(problems)), _) => {
                 failures.inc();
                 tracing::error!(%problems, "configuration reload refused; keeping the running configuration");
                 Err(problems)
             }
             // Counted in meshd_tls_reload_failures_total by the TLS reload itself.
-            Err(Refused::Tls { problems, summary }) => {
+            (Err(Refused::Tls { problems, summary }), keyring) => {
                 tracing::error!(
                     %problems,
                     "the [tls] files are refused; the running certificate stays in use (the rest of the \
                      configuration was applied)"
                 );
-                Err(format!(
+                let tls = format!(
                     "tls: refused, the running certificate stays in use: {problems} (the rest of the \
                      configuration was {summary})"
-                ))
+                );
+                Err(match keyring {
+                    Ok(()) => tls,
+                    Err(keys) => format!("{tls}; {keys}"),
+                })
             }
         };
-        // The gossip keyring is re-read with every reload that got past the config file, so keys rotate
-        // install → use → remove by editing the file and sending SIGHUP.
-        let config_ok = !matches!(&result, Err(e) if !e.starts_with("tls:"));
-        if config_ok
-            && let Some(m) = &membership
-            && let Err(problems) = m.reload_keyring().await
-        {
-            let problems = problems.join("; ");
-            tracing::error!(%problems, "the gossip keyring is refused; the running keys stay in use");
-            let msg = format!("gossip.keyring: refused, the running keys stay in use: {problems}");
-            result = match result {
-                Ok(summary) => Err(format!(
-                    "{msg} (the rest of the configuration was {summary})"
-                )),
-                Err(e) => Err(format!("{e}; {msg}")),
-            };
-        }
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

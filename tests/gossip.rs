@@ -10,19 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use meshd::tls::identity::TrustDomain;
-use meshd::tls::pki::LoadedCa;
 
-/// Writes `dir/ca.crt`, a certificate and key per node, and `dir/gossip.keys` (one key).
-fn pki(dir: &Path, nodes: &[&str]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let ca = LoadedCa::generate(&TrustDomain::parse("mesh.test").unwrap(), 30).unwrap();
-    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
-    for node in nodes {
-        let host = ca.issue(node, 30, &[], &[]).unwrap();
-        std::fs::write(dir.join(format!("{node}.crt")), host.cert_pem).unwrap();
-        std::fs::write(dir.join(format!("{node}.key")), host.key_pem).unwrap();
-    }
+/// Mesh certificates for `nodes` and `dir/gossip.keys` (one key).
+fn gossip_pki(dir: &Path, nodes: &[&str]) {
+    pki(dir, nodes);
     write_keys(
         &dir.join("gossip.keys"),
         &[&meshd::membership::keyring::generate_line()],
@@ -57,6 +48,32 @@ fn gossip_config(ip: &str, dir: &Path, seeds: &[SocketAddr], extra: &str) -> Str
 async fn gossip_agent(ip: &str, dir: &Path, seeds: &[SocketAddr], extra: &str) -> Agent {
     let cfg = gossip_config(ip, dir, seeds, extra);
     start(meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))).await
+}
+
+/// An agent whose config is a file (reloads re-read it) and whose keyring is its own file, `<ip>.keys`, holding
+/// `keys`; returns the agent and that keyring's path.
+async fn agent_with_keyring(
+    ip: &str,
+    dir: &Path,
+    seeds: &[SocketAddr],
+    keys: &[&str],
+) -> (Agent, std::path::PathBuf) {
+    let keyring = dir.join(format!("{ip}.keys"));
+    write_keys(&keyring, keys);
+    let cfg = gossip_config(ip, dir, seeds, "").replace(
+        &dir.join("gossip.keys").display().to_string(),
+        &keyring.display().to_string(),
+    );
+    let path = dir.join(format!("{ip}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    (start_from_file(&path).await, keyring)
+}
+
+/// Members `/v1/members` shows as alive.
+fn alive(v: &serde_json::Value) -> usize {
+    v["members"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|m| m["state"] == "alive").count())
 }
 
 fn static_service(name: &str, addr: SocketAddr) -> String {
@@ -127,7 +144,7 @@ async fn wait_endpoints(agent: &Agent, service: &str, within: Duration, want: &[
 #[tokio::test]
 async fn three_agents_share_endpoints_and_a_leaving_one_is_forgotten_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    pki(
+    gossip_pki(
         dir.path(),
         &["node-127.0.0.61", "node-127.0.0.62", "node-127.0.0.63"],
     );
@@ -241,7 +258,7 @@ async fn three_agents_share_endpoints_and_a_leaving_one_is_forgotten_at_once() {
 #[tokio::test]
 async fn agents_with_another_key_or_cluster_never_join_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    pki(
+    gossip_pki(
         dir.path(),
         &["node-127.0.0.64", "node-127.0.0.65", "node-127.0.0.66"],
     );
@@ -304,7 +321,7 @@ async fn agents_with_another_key_or_cluster_never_join_and_are_counted() {
 #[tokio::test]
 async fn a_restarted_host_replaces_its_old_self() {
     let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &["node-127.0.0.67", "node-127.0.0.68"]);
+    gossip_pki(dir.path(), &["node-127.0.0.67", "node-127.0.0.68"]);
     let users = backend("users").await;
     let users2 = backend("users-after-restart").await;
     let a = gossip_agent("127.0.0.67", dir.path(), &[], "").await;
@@ -377,7 +394,7 @@ impl Drop for Proc {
 #[tokio::test]
 async fn a_killed_host_is_dropped_within_the_detection_bound() {
     let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &["node-127.0.0.71", "node-127.0.0.72"]);
+    gossip_pki(dir.path(), &["node-127.0.0.71", "node-127.0.0.72"]);
     let local = backend("users-on-a").await;
     let far = backend("users-on-b").await;
     let a = gossip_agent(
@@ -467,7 +484,7 @@ async fn a_partition_heals_into_one_view() {
     let dir = tempfile::tempdir().unwrap();
     let ips = ["127.0.0.81", "127.0.0.82", "127.0.0.83", "127.0.0.84"];
     let nodes: Vec<String> = ips.iter().map(|ip| format!("node-{ip}")).collect();
-    pki(
+    gossip_pki(
         dir.path(),
         &nodes.iter().map(String::as_str).collect::<Vec<_>>(),
     );
@@ -480,34 +497,17 @@ async fn a_partition_heals_into_one_view() {
     let mut seed = Vec::new();
     let mut paths = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
-        let keys = dir.path().join(format!("{ip}.keys"));
-        write_keys(&keys, &[shared.trim()]);
-        let cfg = gossip_config(ip, dir.path(), &seed, "").replace(
-            &dir.path().join("gossip.keys").display().to_string(),
-            &keys.display().to_string(),
-        );
-        let path = dir.path().join(format!("{ip}.toml"));
-        std::fs::write(&path, cfg).unwrap();
-        let agent = start_from_file(&path).await;
+        let (agent, keys) = agent_with_keyring(ip, dir.path(), &seed, &[shared.trim()]).await;
         if i == 0 {
             seed.push(agent.gossip.unwrap());
         }
         agents.push(agent);
         paths.push(keys);
     }
-    // A later agent's seeds include the first; the first learns of the others by gossip. For healing, every
-    // agent must know a seed on the other side: rewrite configs so 1-2 seed 3 and 3-4 seed 1.
+    // The later agents' seed is the first, which learns of them by gossip. After the partition, the far half
+    // (3-4) keeps announcing to that seed, and that is how the halves meet again.
     for a in &agents {
-        wait_members(a, Duration::from_secs(10), "full view", |v| {
-            v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|m| m["state"] == "alive")
-                .count()
-                == 3
-        })
-        .await;
+        wait_members(a, Duration::from_secs(10), "full view", |v| alive(v) == 3).await;
     }
     let split = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
     for (i, p) in paths.iter().enumerate() {
@@ -544,16 +544,7 @@ async fn a_partition_heals_into_one_view() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     }
     for a in &agents {
-        wait_members(a, Duration::from_secs(60), "healed", |v| {
-            v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|m| m["state"] == "alive")
-                .count()
-                == 3
-        })
-        .await;
+        wait_members(a, Duration::from_secs(60), "healed", |v| alive(v) == 3).await;
     }
     eprintln!(
         "the partition healed into one view in {:?}",
@@ -567,34 +558,20 @@ async fn a_partition_heals_into_one_view() {
 #[tokio::test]
 async fn keys_rotate_install_use_remove_without_a_lost_packet() {
     let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &["node-127.0.0.91", "node-127.0.0.92"]);
+    gossip_pki(dir.path(), &["node-127.0.0.91", "node-127.0.0.92"]);
     let old = std::fs::read_to_string(dir.path().join("gossip.keys")).unwrap();
     let old = old.trim().to_string();
     let new = meshd::membership::keyring::generate_line();
     let mut agents = Vec::new();
     let mut keyfiles = Vec::new();
     for ip in ["127.0.0.91", "127.0.0.92"] {
-        let keys = dir.path().join(format!("{ip}.keys"));
-        write_keys(&keys, &[&old]);
         let seeds: Vec<SocketAddr> = agents.iter().map(|a: &Agent| a.gossip.unwrap()).collect();
-        let cfg = gossip_config(ip, dir.path(), &seeds, "").replace(
-            &dir.path().join("gossip.keys").display().to_string(),
-            &keys.display().to_string(),
-        );
-        let path = dir.path().join(format!("{ip}.toml"));
-        std::fs::write(&path, cfg).unwrap();
-        agents.push(start_from_file(&path).await);
+        let (agent, keys) = agent_with_keyring(ip, dir.path(), &seeds, &[&old]).await;
+        agents.push(agent);
         keyfiles.push(keys);
     }
     for a in &agents {
-        wait_members(a, Duration::from_secs(10), "joined", |v| {
-            v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["state"] == "alive")
-        })
-        .await;
+        wait_members(a, Duration::from_secs(10), "joined", |v| alive(v) > 0).await;
     }
     // install (second everywhere) → use (first everywhere) → remove the old one; one host at a time, with
     // gossip flowing between the steps.
@@ -707,7 +684,7 @@ fn gossip_config_problems_are_listed_with_their_keys_and_exit_64() {
 #[tokio::test]
 async fn a_rolling_restart_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
-    pki(
+    gossip_pki(
         dir.path(),
         &["node-127.0.0.95", "node-127.0.0.96", "node-127.0.0.97"],
     );

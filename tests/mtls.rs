@@ -9,20 +9,6 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use http::StatusCode;
-use meshd::tls::identity::TrustDomain;
-use meshd::tls::pki::LoadedCa;
-
-/// Writes `dir/ca.crt` and, for each node, `dir/<node>.crt` and `.key`.
-fn pki(dir: &Path, nodes: &[&str]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let ca = LoadedCa::generate(&TrustDomain::parse("mesh.test").unwrap(), 30).unwrap();
-    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
-    for node in nodes {
-        let host = ca.issue(node, 30, &[], &[]).unwrap();
-        std::fs::write(dir.join(format!("{node}.crt")), host.cert_pem).unwrap();
-        std::fs::write(dir.join(format!("{node}.key")), host.key_pem).unwrap();
-    }
-}
 
 fn tls_section(dir: &Path, node: &str) -> String {
     format!(

@@ -950,6 +950,57 @@ mod tests {
         );
     }
 
+    /// Two cores on a lossless in-memory network where B's datagrams to A can be dropped, on a virtual clock
+    /// stepped 50 ms at a time. Returns B's generation at the end and whether A still routes B.
+    fn refuted_suspicion(plain: bool) -> (u64, bool) {
+        let (mut a, mut b) = (core(1), core(2));
+        a.set_plain_foca(plain);
+        let wall = |t: Duration| 1_000_000 + t.as_millis() as u64;
+        let mut now = Duration::ZERO;
+        b.announce(now, wall(now), a.identity().addr);
+        let step = |a: &mut Core, b: &mut Core, now: Duration, drop_b: bool| {
+            a.handle_timers(now, wall(now));
+            b.handle_timers(now, wall(now));
+            for _ in 0..10 {
+                let (from_a, from_b) = (a.take_outbox(), b.take_outbox());
+                if from_a.is_empty() && from_b.is_empty() {
+                    break;
+                }
+                for (_, d) in from_a {
+                    b.handle_datagram(now, wall(now), &d);
+                }
+                for (_, d) in from_b {
+                    if !drop_b {
+                        a.handle_datagram(now, wall(now), &d);
+                    }
+                }
+            }
+        };
+        // Join, then lose everything B sends for 3 s: A suspects B, B hears of it and refutes, but A only
+        // learns of the refutation once B's datagrams get through again, before the suspicion runs out.
+        for (until, drop_b) in [(2_000, false), (5_000, true), (15_000, false)] {
+            while now < Duration::from_millis(until) {
+                now += Duration::from_millis(50);
+                step(&mut a, &mut b, now, drop_b);
+            }
+        }
+        (
+            b.identity().generation,
+            a.member("n2")
+                .is_some_and(|m| m.generation == b.identity().generation),
+        )
+    }
+
+    #[test]
+    fn a_refuted_suspicion_does_not_make_the_member_rejoin() {
+        let (generation, routed) = refuted_suspicion(false);
+        assert_eq!(generation, 1, "B kept its identity");
+        assert!(routed, "A still has B as a member");
+        // What foca 2.0 does on its own: the expired timer sends TurnUndead, and B rejoins as a new member.
+        let (generation, _) = refuted_suspicion(true);
+        assert!(generation > 1, "plain foca makes B rejoin");
+    }
+
     proptest! {
         #[test]
         fn arbitrary_payloads_never_panic(data in proptest::collection::vec(any::<u8>(), 0..1400)) {

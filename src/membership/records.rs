@@ -483,10 +483,6 @@ impl Store {
             self.buried.clear();
         }
     }
-
-    pub fn nodes(&self) -> impl Iterator<Item = &str> {
-        self.nodes.keys().map(String::as_str)
-    }
 }
 
 #[cfg(test)]

@@ -834,6 +834,21 @@ pub async fn learn_remote(
         .unwrap();
 }
 
+/// Writes a mesh CA for trust domain `mesh.test` to `dir/ca.crt` and, for each node, `dir/<node>.crt` and
+/// `.key`, made by meshd's own PKI code.
+pub fn pki(dir: &std::path::Path, nodes: &[&str]) {
+    use meshd::tls::identity::TrustDomain;
+    use meshd::tls::pki::LoadedCa;
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = LoadedCa::generate(&TrustDomain::parse("mesh.test").unwrap(), 30).unwrap();
+    std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+    for node in nodes {
+        let host = ca.issue(node, 30, &[], &[]).unwrap();
+        std::fs::write(dir.join(format!("{node}.crt")), host.cert_pem).unwrap();
+        std::fs::write(dir.join(format!("{node}.key")), host.key_pem).unwrap();
+    }
+}
+
 /// TLS handshakes the agent has completed toward peers, full and resumed.
 pub async fn outbound_handshakes(agent: &Agent) -> f64 {
     let m = metrics(agent).await;
