@@ -5,12 +5,18 @@
 //! gossip_packets write_corpus`; each file's name says what `open` must answer: `valid-*` opens, `junk-*`,
 //! `truncated-*`, `wrong-cluster-*` and so on are refused for that reason.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use meshd::config::GossipProfile;
+use meshd::membership::core::{Core, foca_config};
+use meshd::membership::identity::NodeId;
 use meshd::membership::keyring::Keyring;
 use meshd::membership::seal::{
     self, Cluster, HEADER, MAX_DATAGRAM, MAX_PAYLOAD, OVERHEAD, Rejected, ReplayWindow,
 };
+use meshd::membership::suspicion::Control;
 
 /// The test keyring, the same as the fuzz target's: the primary key, then a second one.
 const TEST_KEYRING: &str = "\
@@ -101,13 +107,66 @@ fn every_corpus_seed_opens_or_is_refused_as_its_name_says() {
     }
 }
 
+fn node(name: &str, i: u8) -> NodeId {
+    NodeId {
+        name: std::sync::Arc::from(name),
+        addr: SocketAddr::from(([10, 9, 9, i], 4145)),
+        inbound_port: 4143,
+        generation: 1,
+    }
+}
+
+/// The identity of the agent in the fuzz target.
+fn fuzz_agent() -> NodeId {
+    node("fuzz", 9)
+}
+
+#[test]
+fn the_check_seed_reaches_the_agent_it_names() {
+    let (keyring, cluster) = (test_ring(), Cluster::new(TEST_CLUSTER));
+    let bytes = std::fs::read(corpus_dir().join("valid-control-check")).unwrap();
+    let mut out = Vec::new();
+    seal::open(
+        &keyring,
+        &cluster,
+        &mut ReplayWindow::new(),
+        SEED_NOW_MS,
+        &bytes,
+        &mut out,
+    )
+    .unwrap();
+    let mut core = Core::new(
+        fuzz_agent(),
+        foca_config(GossipProfile::Lan, 10),
+        rand::SeedableRng::seed_from_u64(1),
+        keyring,
+        cluster,
+    );
+    core.handle_payload(Duration::ZERO, SEED_NOW_MS, &out);
+    assert_eq!(
+        core.stats.checks("received"),
+        1,
+        "the agent answered the check"
+    );
+    let replies = core.take_outbox();
+    assert!(
+        replies.iter().any(|(to, _)| *to == node("peer", 2).addr),
+        "{replies:?}"
+    );
+}
+
 #[test]
 fn the_fuzz_target_uses_the_same_fixture() {
     let target = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/fuzz_targets/packet.rs"),
     )
     .unwrap();
-    for constant in [TEST_KEYRING, TEST_CLUSTER, &SEED_NOW_MS.to_string()] {
+    for constant in [
+        TEST_KEYRING,
+        TEST_CLUSTER,
+        &SEED_NOW_MS.to_string(),
+        "[10, 9, 9, 9], 4145",
+    ] {
         let constant = constant.replace("_", "");
         assert!(
             target.replace("_", "").contains(&constant),
@@ -193,7 +252,30 @@ fn write_corpus() {
     rand::fill(&mut random[..]);
     random[0] = b'\x00';
 
+    // Direct checks of a suspect (failure detection) as peers seal them: one of the fuzz target's own agent.
+    let check = Control::Check {
+        nonce: 7,
+        from: node("peer", 2),
+        target: fuzz_agent(),
+        incarnation: 0,
+    }
+    .encode();
+    let vote = Control::Vote {
+        from: node("peer", 2),
+        target: node("other", 3),
+        incarnation: 1,
+    }
+    .encode();
+
     let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "valid-control-check",
+            sealed(&ring, TEST_CLUSTER, now, &check),
+        ),
+        (
+            "valid-control-vote",
+            sealed(&ring, TEST_CLUSTER, now, &vote),
+        ),
         ("valid-empty", sealed(&ring, TEST_CLUSTER, now, b"")),
         ("valid-hello", valid.clone()),
         (

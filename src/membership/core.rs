@@ -11,13 +11,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, Timer};
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Foca, Incarnation, Invalidates, Member,
+    OwnedNotification, State, Timer,
+};
 use rand::rngs::StdRng;
 
 use super::identity::{MeshCodec, NodeId};
 use super::keyring::Keyring;
 use super::records::{DigestEntry, NodeSnapshot, Outcome, ServiceRecord, Store, WireEndpoint};
 use super::seal::{self, Cluster, Rejected, ReplayWindow};
+use super::suspicion::{self, Control, Suspicions};
 use crate::config::GossipProfile;
 use crate::routing::{EndpointSpec, Update};
 
@@ -157,16 +161,48 @@ pub struct Stats {
     pub packets: BTreeMap<(&'static str, &'static str), u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Direct checks of suspects by result: `sent` (datagrams), `answered`, `unanswered` (a vote for the
+    /// prober), `received` (this agent was checked, and answered).
+    pub checks: BTreeMap<&'static str, u64>,
+    /// Suspicion timers of this agent brought forward by votes.
+    pub shortened: u64,
 }
 
 impl Stats {
     fn packet(&mut self, direction: &'static str, result: &'static str) {
         *self.packets.entry((direction, result)).or_default() += 1;
     }
+
+    fn check(&mut self, result: &'static str) {
+        *self.checks.entry(result).or_default() += 1;
+    }
+
+    /// Checks by result so far.
+    pub fn checks(&self, result: &str) -> u64 {
+        self.checks.get(result).copied().unwrap_or(0)
+    }
 }
 
-/// A timer, due at `at`.
-type Scheduled = Reverse<(Duration, u64, Timer<NodeId>)>;
+/// What the timer heap holds: foca's timers and this agent's own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    Foca(Timer<NodeId>),
+    /// The next step of a direct check, by nonce.
+    Check(u64),
+}
+
+/// Something due at `at` (then in submission order).
+type Scheduled = Reverse<(Duration, u64, Due)>;
+
+/// A direct check of a suspect in progress.
+struct Pending {
+    target: NodeId,
+    incarnation: Incarnation,
+    tries: u8,
+    started: Duration,
+    /// The prober that asked, told if the suspect stays silent.
+    requester: NodeId,
+}
 
 /// The membership state machine of one agent.
 pub struct Core {
@@ -184,7 +220,7 @@ pub struct Core {
     /// Changes for the routing table.
     routing: Vec<Update>,
     /// Active members by name.
-    members: HashMap<String, NodeId>,
+    members: BTreeMap<String, NodeId>,
     /// Every member seen, with its state, for the admin API.
     info: BTreeMap<String, MemberInfo>,
     /// This host's own services: name → (version it last changed at, endpoints).
@@ -195,6 +231,8 @@ pub struct Core {
     next_sync: Option<Duration>,
     sync_burst: u8,
     next_repair: Option<Duration>,
+    /// The last scan found every member's records: none can be missing until a member comes up.
+    repair_clean: bool,
     /// Deliver every timer as foca asks (the simulator's baseline); false in the agent.
     plain_foca: bool,
     /// This agent has left the cluster (shutting down).
@@ -202,6 +240,10 @@ pub struct Core {
     /// Rotates the repair target among members without records.
     repair_turn: usize,
     pub stats: Stats,
+    /// Suspicions being timed, with the votes on them; and the checks this agent runs.
+    suspicions: Suspicions,
+    checks: HashMap<u64, Pending>,
+    rng: fastrand::Rng,
     buf: Vec<u8>,
     wall_ms: u64,
     now: Duration,
@@ -211,10 +253,12 @@ impl Core {
     pub fn new(
         id: NodeId,
         config: foca::Config,
-        rng: StdRng,
+        mut rng: StdRng,
         keyring: Keyring,
         cluster: Cluster,
     ) -> Core {
+        let own_rng = fastrand::Rng::with_seed(rand::Rng::next_u64(&mut rng));
+        let suspicions = Suspicions::new(config.suspect_to_down_after);
         let store = Arc::new(Mutex::new(Store::new(&id.name)));
         let foca = Foca::with_custom_broadcast(
             id,
@@ -235,7 +279,7 @@ impl Core {
             replay: ReplayWindow::new(),
             outbox: Vec::new(),
             routing: Vec::new(),
-            members: HashMap::new(),
+            members: BTreeMap::new(),
             info: BTreeMap::new(),
             local: BTreeMap::new(),
             local_version: 0,
@@ -243,10 +287,14 @@ impl Core {
             next_sync: None,
             sync_burst: 0,
             next_repair: None,
+            repair_clean: false,
             plain_foca: false,
             left: false,
             repair_turn: 0,
             stats: Stats::default(),
+            suspicions,
+            checks: HashMap::new(),
+            rng: own_rng,
             buf: Vec::new(),
             wall_ms: 0,
             now: Duration::ZERO,
@@ -306,6 +354,19 @@ impl Core {
     }
 
     fn payload(&mut self, plain: &[u8]) {
+        if let Some(control) = Control::decode(plain) {
+            match control {
+                Ok(c) => {
+                    self.stats.packet("in", "ok");
+                    self.control(c);
+                }
+                Err(why) => {
+                    tracing::debug!(error = why, "dropped a gossip packet");
+                    self.stats.packet("in", "malformed");
+                }
+            }
+            return;
+        }
         match self.foca.handle_data(plain, &mut self.rt) {
             Ok(()) => self.stats.packet("in", "ok"),
             Err(e) => {
@@ -320,6 +381,176 @@ impl Core {
         }
     }
 
+    /// A direct-check control message (see [`super::suspicion`]).
+    fn control(&mut self, c: Control) {
+        if self.plain_foca {
+            return;
+        }
+        match c {
+            Control::CheckRequest {
+                from,
+                target,
+                incarnation,
+                ..
+            } => {
+                if from.check().is_err() || target.check().is_err() {
+                    self.stats.packet("in", "malformed");
+                    return;
+                }
+                if &target == self.foca.identity() {
+                    self.refute(incarnation);
+                    return;
+                }
+                if self.checks.len() >= suspicion::MAX_CHECKS {
+                    return;
+                }
+                let nonce = self.rng.u64(..);
+                self.checks.insert(
+                    nonce,
+                    Pending {
+                        target,
+                        incarnation,
+                        tries: 0,
+                        started: self.now,
+                        requester: from,
+                    },
+                );
+                self.check_step(nonce);
+            }
+            Control::Check {
+                nonce,
+                from,
+                target,
+                incarnation,
+            } => {
+                // A check of an earlier run of this host: nothing to answer.
+                if &target != self.foca.identity() || from.check().is_err() {
+                    return;
+                }
+                self.stats.check("received");
+                self.refute(incarnation);
+                self.send_control(from.addr, &Control::Reply { nonce });
+            }
+            Control::Reply { nonce } => {
+                if self.checks.remove(&nonce).is_some() {
+                    self.stats.check("answered");
+                }
+            }
+            Control::Vote {
+                from,
+                target,
+                incarnation,
+            } => {
+                if from.check().is_err() {
+                    self.stats.packet("in", "malformed");
+                    return;
+                }
+                if let Some((at, timer)) =
+                    self.suspicions
+                        .vote(self.now, &from.name, &target, incarnation)
+                {
+                    tracing::debug!(node = %target.name, voter = %from.name, "a check confirmed a suspicion");
+                    self.stats.shortened += 1;
+                    self.schedule(at, Due::Foca(timer));
+                }
+            }
+        }
+    }
+
+    /// This agent is suspected at `incarnation`: refute at once rather than wait for gossip to say so.
+    fn refute(&mut self, incarnation: Incarnation) {
+        let me = Member::new(self.foca.identity().clone(), incarnation, State::Suspect);
+        if let Err(e) = self
+            .foca
+            .apply_many(std::iter::once(me), true, &mut self.rt)
+        {
+            tracing::debug!(error = %e, "refuting a suspicion");
+        }
+    }
+
+    fn send_control(&mut self, to: SocketAddr, c: &Control) {
+        let mut out = Vec::new();
+        seal::seal(
+            &self.keyring,
+            &self.cluster,
+            self.wall_ms,
+            &c.encode(),
+            &mut out,
+        );
+        self.stats.bytes_out += out.len() as u64;
+        self.stats.packet("out", "ok");
+        self.outbox.push((to, out));
+    }
+
+    fn schedule(&mut self, at: Duration, due: Due) {
+        self.seq += 1;
+        self.timers.push(Reverse((at, self.seq, due)));
+    }
+
+    /// Our probe of `target` failed: ask a few other members to check it directly.
+    fn request_checks(&mut self, target: &NodeId, incarnation: Incarnation) {
+        let mut others: Vec<&NodeId> = self
+            .members
+            .values()
+            .filter(|m| m.name != target.name)
+            .collect();
+        let picks = suspicion::CHECKERS.min(others.len());
+        for i in 0..picks {
+            let j = self.rng.usize(i..others.len());
+            others.swap(i, j);
+        }
+        let me = self.foca.identity().clone();
+        let helpers: Vec<SocketAddr> = others[..picks].iter().map(|m| m.addr).collect();
+        for to in helpers {
+            let request = Control::CheckRequest {
+                nonce: self.rng.u64(..),
+                from: me.clone(),
+                target: target.clone(),
+                incarnation,
+            };
+            self.send_control(to, &request);
+        }
+    }
+
+    /// Sends the next check datagram, or gives up and tells the prober.
+    fn check_step(&mut self, nonce: u64) {
+        let Some(p) = self.checks.get_mut(&nonce) else {
+            return;
+        };
+        if p.tries >= suspicion::CHECK_TRIES {
+            let Some(p) = self.checks.remove(&nonce) else {
+                return;
+            };
+            tracing::debug!(node = %p.target.name, incarnation = p.incarnation, "a suspect did not answer a direct check");
+            self.stats.check("unanswered");
+            let vote = Control::Vote {
+                from: self.foca.identity().clone(),
+                target: p.target,
+                incarnation: p.incarnation,
+            };
+            self.send_control(p.requester.addr, &vote);
+            return;
+        }
+        p.tries += 1;
+        let next = if p.tries < suspicion::CHECK_TRIES {
+            self.now + suspicion::CHECK_SPACING
+        } else {
+            p.started + suspicion::CHECK_EXPIRY
+        };
+        let (to, check) = (
+            p.target.addr,
+            Control::Check {
+                nonce,
+                from: self.foca.identity().clone(),
+                target: p.target.clone(),
+                incarnation: p.incarnation,
+            },
+        );
+        self.stats.check("sent");
+        self.send_control(to, &check);
+        self.schedule(next, Due::Check(nonce));
+    }
+
     /// When the next timer is due.
     pub fn next_timer(&self) -> Option<Duration> {
         self.timers.peek().map(|Reverse((at, _, _))| *at)
@@ -332,8 +563,16 @@ impl Core {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, _, timer))) = self.timers.pop() else {
+            let Some(Reverse((_, _, due))) = self.timers.pop() else {
                 break;
+            };
+            let timer = match due {
+                Due::Foca(timer) => timer,
+                Due::Check(nonce) => {
+                    self.check_step(nonce);
+                    self.drain();
+                    continue;
+                }
             };
             // foca 2.0 answers every expired suspicion timer with TurnUndead to the member, even when it refuted
             // in time; the member then declares itself down and rejoins under a new generation, a false "down"
@@ -475,9 +714,20 @@ impl Core {
             self.outbox.push((dst.addr, out));
         }
         while let Some((after, timer)) = self.rt.to_schedule() {
-            self.seq += 1;
-            self.timers
-                .push(Reverse((self.now + after, self.seq, timer)));
+            // Only the member whose probe failed times a suspicion (foca's ProbeFailed): it asks others to
+            // confirm, and their votes shorten the wait.
+            if let Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &timer
+                && !self.plain_foca
+            {
+                self.suspicions.started(self.now, after, &timer);
+                let (target, incarnation) = (member_id.clone(), *incarnation);
+                self.request_checks(&target, incarnation);
+            }
+            self.schedule(self.now + after, Due::Foca(timer));
         }
         while let Some(n) = self.rt.to_notify() {
             self.notified(n);
@@ -528,6 +778,7 @@ impl Core {
             return;
         }
         tracing::info!(node = %id.name, addr = %id.addr, generation = id.generation, "member up");
+        self.repair_clean = false;
         self.set_info(&id, "alive");
         let endpoints = {
             let mut store = lock(&self.store);
@@ -639,10 +890,15 @@ impl Core {
         }
     }
 
-    /// A member this agent has no records of at all, to pull them from it directly (at most every
-    /// [`REPAIR_SPACING`]); gossip or a random sync may have missed it.
+    /// A member this agent has no records of at all, to pull them from it directly; gossip or a random sync
+    /// may have missed it. Members are looked through at most every [`REPAIR_SPACING`], whether or not one was
+    /// missing (the driver asks after every datagram), and not at all once none was, until a member comes up.
     pub fn take_repair_target(&mut self, now: Duration) -> Option<NodeId> {
         if self.next_repair.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.next_repair = Some(now + REPAIR_SPACING);
+        if self.repair_clean {
             return None;
         }
         let store = lock(&self.store);
@@ -660,9 +916,7 @@ impl Core {
         let target =
             (!missing.is_empty()).then(|| missing[self.repair_turn % missing.len()].clone());
         drop(store);
-        if target.is_some() {
-            self.next_repair = Some(now + REPAIR_SPACING);
-        }
+        self.repair_clean = target.is_none();
         target
     }
 
@@ -683,7 +937,7 @@ impl Core {
             .into_iter()
             .take(super::sync::MAX_SNAPSHOTS)
             .filter(|id| {
-                id.check().is_ok() && id.addr != own.addr && !self.members.values().any(|m| m == id)
+                id.check().is_ok() && id.addr != own.addr && self.members.get(&*id.name) != Some(id)
             })
             .map(foca::Member::alive)
             .collect();
@@ -999,6 +1253,126 @@ mod tests {
         // What foca 2.0 does on its own: the expired timer sends TurnUndead, and B rejoins as a new member.
         let (generation, _) = refuted_suspicion(true);
         assert!(generation > 1, "plain foca makes B rejoin");
+    }
+
+    /// `n` cores on a lossless in-memory network, on a virtual clock stepped 50 ms at a time; member `crash`
+    /// stops dead at 20 s. Returns how long until every other core has taken it out of its routing table.
+    fn crash_detection(n: u8, crash: usize, plain: bool) -> Duration {
+        let mut cores: Vec<Core> = (1..=n).map(core).collect();
+        for c in cores.iter_mut() {
+            c.set_plain_foca(plain);
+        }
+        let wall = |t: Duration| 1_000_000 + t.as_millis() as u64;
+        let seed = cores[0].identity().addr;
+        let mut now = Duration::ZERO;
+        for c in cores.iter_mut().skip(1) {
+            c.announce(now, wall(now), seed);
+        }
+        let crash_at = Duration::from_secs(20);
+        let mut removed = vec![None; cores.len()];
+        while now < Duration::from_secs(40) {
+            now += Duration::from_millis(50);
+            let dead = |i: usize| now >= crash_at && i == crash;
+            for (i, c) in cores.iter_mut().enumerate() {
+                if !dead(i) {
+                    c.handle_timers(now, wall(now));
+                }
+            }
+            for _ in 0..10 {
+                let mut sent = Vec::new();
+                for (i, c) in cores.iter_mut().enumerate() {
+                    for (to, d) in c.take_outbox() {
+                        if !dead(i) {
+                            sent.push((to, d));
+                        }
+                    }
+                }
+                if sent.is_empty() {
+                    break;
+                }
+                for (to, d) in sent {
+                    if let Some(i) = cores.iter().position(|c| c.identity().addr == to)
+                        && !dead(i)
+                    {
+                        cores[i].handle_datagram(now, wall(now), &d);
+                    }
+                }
+            }
+            let victim = cores[crash].identity().name.to_string();
+            for (i, c) in cores.iter_mut().enumerate() {
+                let gone = c
+                    .take_routing()
+                    .iter()
+                    .any(|u| matches!(u, Update::RemoveRemote { node } if *node == victim));
+                if gone && now >= crash_at && removed[i].is_none() {
+                    removed[i] = Some(now - crash_at);
+                }
+            }
+        }
+        (0..cores.len())
+            .filter(|i| *i != crash)
+            .map(|i| removed[i].unwrap_or(Duration::MAX))
+            .max()
+            .unwrap_or(Duration::MAX)
+    }
+
+    #[test]
+    fn checks_confirm_a_crash_sooner_than_a_fixed_suspicion() {
+        let ours = crash_detection(6, 3, false);
+        let plain = crash_detection(6, 3, true);
+        assert!(
+            ours < Duration::from_secs(20),
+            "every member saw the crash: {ours:?}"
+        );
+        // The prober's four helpers all vote: its suspicion runs 1.5 s instead of 4 s.
+        assert!(
+            ours + Duration::from_secs(2) <= plain,
+            "ours {ours:?}, plain foca {plain:?}"
+        );
+    }
+
+    #[test]
+    fn a_check_makes_the_suspect_refute_and_junk_control_messages_are_counted() {
+        let (mut a, mut b) = (core(1), core(2));
+        let (keys, cluster) = (
+            Keyring::from_keys(&[[3u8; 32]]).unwrap(),
+            Cluster::new("test"),
+        );
+        let check = Control::Check {
+            nonce: 42,
+            from: a.identity().clone(),
+            target: b.identity().clone(),
+            incarnation: 0,
+        };
+        b.handle_payload(Duration::ZERO, 1_000, &check.encode());
+        assert_eq!(b.stats.checks("received"), 1);
+        // B answers A with the nonce.
+        let mut replay = ReplayWindow::new();
+        let mut out = Vec::new();
+        let replies: Vec<Control> = b
+            .take_outbox()
+            .into_iter()
+            .filter(|(to, _)| *to == a.identity().addr)
+            .filter_map(|(_, d)| {
+                seal::open(&keys, &cluster, &mut replay, 1_000, &d, &mut out).ok()?;
+                Control::decode(&out)?.ok()
+            })
+            .collect();
+        assert_eq!(replies, vec![Control::Reply { nonce: 42 }]);
+        // A check of another run of B (an older generation) is not B's to answer.
+        let mut old = b.identity().clone();
+        old.generation = 0;
+        let stale = Control::Check {
+            nonce: 43,
+            from: a.identity().clone(),
+            target: old,
+            incarnation: 0,
+        };
+        b.handle_payload(Duration::ZERO, 1_000, &stale.encode());
+        assert_eq!(b.stats.checks("received"), 1);
+        // Tagged junk is dropped and counted.
+        a.handle_payload(Duration::ZERO, 1_000, &[suspicion::TAG, 0xee, 0x01]);
+        assert_eq!(a.stats.packets.get(&("in", "malformed")), Some(&1));
     }
 
     proptest! {

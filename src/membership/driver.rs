@@ -274,6 +274,18 @@ impl Driver {
             .bytes
             .with_label_values(&["out"])
             .inc_by(stats.bytes_out.saturating_sub(published.bytes_out));
+        for (result, n) in &stats.checks {
+            let before = published.checks.get(result).copied().unwrap_or(0);
+            if *n > before {
+                self.metrics
+                    .checks
+                    .with_label_values(&[result])
+                    .inc_by(n - before);
+            }
+        }
+        self.metrics
+            .suspicions_shortened
+            .inc_by(stats.shortened.saturating_sub(published.shortened));
         *published = stats;
         for (result, n) in self.core.record_counts() {
             let before = records.get(result).copied().unwrap_or(0);

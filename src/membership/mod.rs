@@ -15,6 +15,7 @@ pub mod identity;
 pub mod keyring;
 pub mod records;
 pub mod seal;
+pub mod suspicion;
 pub mod sync;
 
 use std::collections::BTreeMap;

@@ -58,6 +58,10 @@ pub struct GossipMetrics {
     pub records: IntCounterVec,
     /// `meshd_gossip_syncs_total{result}`: state syncs this agent started: in-sync, repaired, failed.
     pub syncs: IntCounterVec,
+    /// `meshd_gossip_checks_total{result}`: direct checks of suspects: sent, answered, unanswered, received.
+    pub checks: IntCounterVec,
+    /// `meshd_gossip_suspicions_shortened_total`: suspicion timers brought forward by checkers' votes.
+    pub suspicions_shortened: prometheus::IntCounter,
     /// `meshd_gossip_keyring_reload_failures_total`
     pub keyring_reload_failures: prometheus::IntCounter,
 }
@@ -70,6 +74,12 @@ impl GossipMetrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(reg, keyring_reload_failures.clone());
+        let suspicions_shortened = prometheus::IntCounter::new(
+            "meshd_gossip_suspicions_shortened_total",
+            "Suspicion timers of this agent brought forward by other members' direct checks",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(reg, suspicions_shortened.clone());
         GossipMetrics {
             members: gauge(
                 reg,
@@ -101,6 +111,13 @@ impl GossipMetrics {
                 "State syncs this agent started, by result",
                 &["result"],
             ),
+            checks: counter(
+                reg,
+                "meshd_gossip_checks_total",
+                "Direct checks of suspected members, by result",
+                &["result"],
+            ),
+            suspicions_shortened,
             keyring_reload_failures,
         }
     }
