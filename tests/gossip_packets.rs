@@ -148,11 +148,19 @@ fn the_check_seed_reaches_the_agent_it_names() {
         1,
         "the agent answered the check"
     );
-    let replies = core.take_outbox();
-    assert!(
-        replies.iter().any(|(to, _)| *to == node("peer", 2).addr),
-        "{replies:?}"
-    );
+    // It answers the checker with the nonce (and tells the prober it is alive).
+    let (keyring, cluster) = (test_ring(), Cluster::new(TEST_CLUSTER));
+    let mut replay = ReplayWindow::new();
+    let replies: Vec<Control> = core
+        .take_outbox()
+        .into_iter()
+        .filter(|(to, _)| *to == node("peer", 2).addr)
+        .filter_map(|(_, d)| {
+            seal::open(&keyring, &cluster, &mut replay, SEED_NOW_MS, &d, &mut out).ok()?;
+            Control::decode(&out)?.ok()
+        })
+        .collect();
+    assert_eq!(replies, vec![Control::Reply { nonce: 7 }]);
 }
 
 #[test]
@@ -256,11 +264,13 @@ fn write_corpus() {
     let check = Control::Check {
         nonce: 7,
         from: node("peer", 2),
+        prober: node("prober", 3),
         target: fuzz_agent(),
         incarnation: 0,
     }
     .encode();
     let vote = Control::Vote {
+        nonce: 7,
         from: node("peer", 2),
         target: node("other", 3),
         incarnation: 1,

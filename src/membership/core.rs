@@ -200,8 +200,9 @@ struct Pending {
     incarnation: Incarnation,
     tries: u8,
     started: Duration,
-    /// The prober that asked, told if the suspect stays silent.
+    /// The prober that asked, told if the suspect stays silent, and the nonce of its request.
     requester: NodeId,
+    request_nonce: u64,
 }
 
 /// The membership state machine of one agent.
@@ -357,8 +358,8 @@ impl Core {
         if let Some(control) = Control::decode(plain) {
             match control {
                 Ok(c) => {
-                    self.stats.packet("in", "ok");
-                    self.control(c);
+                    let result = self.control(c);
+                    self.stats.packet("in", result);
                 }
                 Err(why) => {
                     tracing::debug!(error = why, "dropped a gossip packet");
@@ -381,54 +382,62 @@ impl Core {
         }
     }
 
-    /// A direct-check control message (see [`super::suspicion`]).
-    fn control(&mut self, c: Control) {
-        if self.plain_foca {
-            return;
+    /// A direct-check control message (see [`super::suspicion`]); returns how to count the packet.
+    fn control(&mut self, c: Control) -> &'static str {
+        if self.plain_foca || self.left {
+            return "ok";
         }
         match c {
             Control::CheckRequest {
+                nonce,
                 from,
                 target,
                 incarnation,
-                ..
             } => {
                 if from.check().is_err() || target.check().is_err() {
-                    self.stats.packet("in", "malformed");
-                    return;
+                    return "malformed";
                 }
                 if &target == self.foca.identity() {
-                    self.refute(incarnation);
-                    return;
+                    self.refute(incarnation, &from);
+                    return "ok";
                 }
-                if self.checks.len() >= suspicion::MAX_CHECKS {
-                    return;
+                // Only members are checked (nobody can make this agent send to an arbitrary address), and
+                // only so many at once.
+                if self.members.get(&*target.name) != Some(&target)
+                    || self.checks.len() >= suspicion::MAX_CHECKS
+                {
+                    return "ok";
                 }
-                let nonce = self.rng.u64(..);
+                let check_nonce = self.rng.u64(..);
                 self.checks.insert(
-                    nonce,
+                    check_nonce,
                     Pending {
                         target,
                         incarnation,
                         tries: 0,
                         started: self.now,
                         requester: from,
+                        request_nonce: nonce,
                     },
                 );
-                self.check_step(nonce);
+                self.check_step(check_nonce);
             }
             Control::Check {
                 nonce,
                 from,
+                prober,
                 target,
                 incarnation,
             } => {
+                if from.check().is_err() || prober.check().is_err() {
+                    return "malformed";
+                }
                 // A check of an earlier run of this host: nothing to answer.
-                if &target != self.foca.identity() || from.check().is_err() {
-                    return;
+                if &target != self.foca.identity() {
+                    return "ok";
                 }
                 self.stats.check("received");
-                self.refute(incarnation);
+                self.refute(incarnation, &prober);
                 self.send_control(from.addr, &Control::Reply { nonce });
             }
             Control::Reply { nonce } => {
@@ -436,18 +445,31 @@ impl Core {
                     self.stats.check("answered");
                 }
             }
+            Control::Alive { from, incarnation } => {
+                if from.check().is_err() {
+                    return "malformed";
+                }
+                if self.members.get(&*from.name) == Some(&from) {
+                    let alive = Member::new(from, incarnation, State::Alive);
+                    if let Err(e) = self
+                        .foca
+                        .apply_many(std::iter::once(alive), true, &mut self.rt)
+                    {
+                        tracing::debug!(error = %e, "a suspect's refutation");
+                    }
+                }
+            }
             Control::Vote {
+                nonce,
                 from,
                 target,
                 incarnation,
             } => {
                 if from.check().is_err() {
-                    self.stats.packet("in", "malformed");
-                    return;
+                    return "malformed";
                 }
                 if let Some((at, timer)) =
-                    self.suspicions
-                        .vote(self.now, &from.name, &target, incarnation)
+                    self.suspicions.vote(self.now, nonce, &target, incarnation)
                 {
                     tracing::debug!(node = %target.name, voter = %from.name, "a check confirmed a suspicion");
                     self.stats.shortened += 1;
@@ -455,16 +477,25 @@ impl Core {
                 }
             }
         }
+        "ok"
     }
 
-    /// This agent is suspected at `incarnation`: refute at once rather than wait for gossip to say so.
-    fn refute(&mut self, incarnation: Incarnation) {
+    /// `prober` suspects this agent at `incarnation`: refute at once rather than wait for gossip to say so,
+    /// and tell the prober directly (foca then sits at `incarnation + 1` or above).
+    fn refute(&mut self, incarnation: Incarnation, prober: &NodeId) {
         let me = Member::new(self.foca.identity().clone(), incarnation, State::Suspect);
         if let Err(e) = self
             .foca
             .apply_many(std::iter::once(me), true, &mut self.rt)
         {
             tracing::debug!(error = %e, "refuting a suspicion");
+        }
+        if incarnation < Incarnation::MAX && prober != self.foca.identity() {
+            let alive = Control::Alive {
+                from: self.foca.identity().clone(),
+                incarnation: incarnation + 1,
+            };
+            self.send_control(prober.addr, &alive);
         }
     }
 
@@ -487,8 +518,9 @@ impl Core {
         self.timers.push(Reverse((at, self.seq, due)));
     }
 
-    /// Our probe of `target` failed: ask a few other members to check it directly.
-    fn request_checks(&mut self, target: &NodeId, incarnation: Incarnation) {
+    /// Our probe of `target` failed: ask a few other members to check it directly. Returns the requests'
+    /// nonces, which their votes carry.
+    fn request_checks(&mut self, target: &NodeId, incarnation: Incarnation) -> Vec<u64> {
         let mut others: Vec<&NodeId> = self
             .members
             .values()
@@ -501,15 +533,19 @@ impl Core {
         }
         let me = self.foca.identity().clone();
         let helpers: Vec<SocketAddr> = others[..picks].iter().map(|m| m.addr).collect();
+        let mut nonces = Vec::with_capacity(helpers.len());
         for to in helpers {
+            let nonce = self.rng.u64(..);
             let request = Control::CheckRequest {
-                nonce: self.rng.u64(..),
+                nonce,
                 from: me.clone(),
                 target: target.clone(),
                 incarnation,
             };
             self.send_control(to, &request);
+            nonces.push(nonce);
         }
+        nonces
     }
 
     /// Sends the next check datagram, or gives up and tells the prober.
@@ -524,6 +560,7 @@ impl Core {
             tracing::debug!(node = %p.target.name, incarnation = p.incarnation, "a suspect did not answer a direct check");
             self.stats.check("unanswered");
             let vote = Control::Vote {
+                nonce: p.request_nonce,
                 from: self.foca.identity().clone(),
                 target: p.target,
                 incarnation: p.incarnation,
@@ -532,16 +569,18 @@ impl Core {
             return;
         }
         p.tries += 1;
+        let (spacing, expiry) = suspicion::check_timing(self.config.probe_rtt);
         let next = if p.tries < suspicion::CHECK_TRIES {
-            self.now + suspicion::CHECK_SPACING
+            self.now + spacing
         } else {
-            p.started + suspicion::CHECK_EXPIRY
+            p.started + expiry
         };
         let (to, check) = (
             p.target.addr,
             Control::Check {
                 nonce,
                 from: self.foca.identity().clone(),
+                prober: p.requester.clone(),
                 target: p.target.clone(),
                 incarnation: p.incarnation,
             },
@@ -722,10 +761,11 @@ impl Core {
                 ..
             } = &timer
                 && !self.plain_foca
+                && !self.suspicions.is_tracked(member_id, *incarnation)
             {
-                self.suspicions.started(self.now, after, &timer);
                 let (target, incarnation) = (member_id.clone(), *incarnation);
-                self.request_checks(&target, incarnation);
+                let asked = self.request_checks(&target, incarnation);
+                self.suspicions.started(self.now, after, &timer, asked);
             }
             self.schedule(self.now + after, Due::Foca(timer));
         }
@@ -1255,9 +1295,24 @@ mod tests {
         assert!(generation > 1, "plain foca makes B rejoin");
     }
 
-    /// `n` cores on a lossless in-memory network, on a virtual clock stepped 50 ms at a time; member `crash`
-    /// stops dead at 20 s. Returns how long until every other core has taken it out of its routing table.
-    fn crash_detection(n: u8, crash: usize, plain: bool) -> Duration {
+    /// `n` cores on a lossless in-memory network, on a virtual clock stepped 50 ms at a time. From `from` on,
+    /// member `victim` is silent: for good (`stall: None`, a crash) or for `stall` (it neither runs nor reads;
+    /// what was sent to it waits, as in a socket buffer). Returns, for each other core, how long after `from` it
+    /// took the victim out of its routing table (if it did), and the victim's generation at the end.
+    struct Silence {
+        removed: Vec<Option<Duration>>,
+        generation: u64,
+        /// Suspicion timers brought forward, all cores together.
+        shortened: u64,
+    }
+
+    fn silence(
+        n: u8,
+        victim: usize,
+        from: Duration,
+        stall: Option<Duration>,
+        plain: bool,
+    ) -> Silence {
         let mut cores: Vec<Core> = (1..=n).map(core).collect();
         for c in cores.iter_mut() {
             c.set_plain_foca(plain);
@@ -1268,13 +1323,20 @@ mod tests {
         for c in cores.iter_mut().skip(1) {
             c.announce(now, wall(now), seed);
         }
-        let crash_at = Duration::from_secs(20);
+        let name = cores[victim].identity().name.to_string();
         let mut removed = vec![None; cores.len()];
-        while now < Duration::from_secs(40) {
+        let mut queued: Vec<Vec<u8>> = Vec::new();
+        while now < from + Duration::from_secs(20) {
             now += Duration::from_millis(50);
-            let dead = |i: usize| now >= crash_at && i == crash;
+            let silent = now >= from && stall.is_none_or(|d| now < from + d);
+            let crashed = now >= from && stall.is_none();
+            if !silent && !crashed {
+                for d in queued.drain(..) {
+                    cores[victim].handle_datagram(now, wall(now), &d);
+                }
+            }
             for (i, c) in cores.iter_mut().enumerate() {
-                if !dead(i) {
+                if i != victim || !silent {
                     c.handle_timers(now, wall(now));
                 }
             }
@@ -1282,7 +1344,7 @@ mod tests {
                 let mut sent = Vec::new();
                 for (i, c) in cores.iter_mut().enumerate() {
                     for (to, d) in c.take_outbox() {
-                        if !dead(i) {
+                        if i != victim || !crashed {
                             sent.push((to, d));
                         }
                     }
@@ -1291,35 +1353,40 @@ mod tests {
                     break;
                 }
                 for (to, d) in sent {
-                    if let Some(i) = cores.iter().position(|c| c.identity().addr == to)
-                        && !dead(i)
-                    {
+                    let Some(i) = cores.iter().position(|c| c.identity().addr == to) else {
+                        continue;
+                    };
+                    if i != victim || !silent {
                         cores[i].handle_datagram(now, wall(now), &d);
+                    } else if !crashed {
+                        queued.push(d);
                     }
                 }
             }
-            let victim = cores[crash].identity().name.to_string();
             for (i, c) in cores.iter_mut().enumerate() {
                 let gone = c
                     .take_routing()
                     .iter()
-                    .any(|u| matches!(u, Update::RemoveRemote { node } if *node == victim));
-                if gone && now >= crash_at && removed[i].is_none() {
-                    removed[i] = Some(now - crash_at);
+                    .any(|u| matches!(u, Update::RemoveRemote { node } if *node == name));
+                if gone && now >= from && removed[i].is_none() {
+                    removed[i] = Some(now - from);
                 }
             }
         }
-        (0..cores.len())
-            .filter(|i| *i != crash)
-            .map(|i| removed[i].unwrap_or(Duration::MAX))
-            .max()
-            .unwrap_or(Duration::MAX)
+        removed.remove(victim);
+        Silence {
+            removed,
+            generation: cores[victim].identity().generation,
+            shortened: cores.iter().map(|c| c.stats.shortened).sum(),
+        }
     }
 
     #[test]
     fn checks_confirm_a_crash_sooner_than_a_fixed_suspicion() {
-        let ours = crash_detection(6, 3, false);
-        let plain = crash_detection(6, 3, true);
+        let all =
+            |r: Vec<Option<Duration>>| r.into_iter().map(|t| t.unwrap_or(Duration::MAX)).max();
+        let ours = all(silence(6, 3, Duration::from_secs(20), None, false).removed).unwrap();
+        let plain = all(silence(6, 3, Duration::from_secs(20), None, true).removed).unwrap();
         assert!(
             ours < Duration::from_secs(20),
             "every member saw the crash: {ours:?}"
@@ -1332,8 +1399,65 @@ mod tests {
     }
 
     #[test]
-    fn a_check_makes_the_suspect_refute_and_junk_control_messages_are_counted() {
+    fn a_member_stalled_for_under_three_seconds_stays_up() {
+        // Stalls long enough to fail probes and, in some of these runs, to draw checkers' votes; the member
+        // resumes before the shortened suspicion runs out, answers the queued checks and tells the prober.
+        let mut shortened = 0;
+        for victim in [2, 3] {
+            for from_ms in (20_000..21_500).step_by(250) {
+                let from = Duration::from_millis(from_ms);
+                let run = silence(6, victim, from, Some(Duration::from_millis(2800)), false);
+                assert!(
+                    run.removed.iter().all(Option::is_none),
+                    "member {victim} stalled from {from:?}: {:?}",
+                    run.removed
+                );
+                assert_eq!(run.generation, 1, "it kept its identity");
+                shortened += run.shortened;
+            }
+        }
+        assert!(shortened > 0, "no run drew a vote: the test shows nothing");
+        // Silent for good, the same member is gone everywhere.
+        let run = silence(6, 3, Duration::from_secs(20), None, false);
+        assert!(run.removed.iter().all(Option::is_some), "{:?}", run.removed);
+    }
+
+    #[test]
+    fn a_suspects_word_that_it_is_alive_clears_the_suspicion_at_the_prober() {
         let (mut a, mut b) = (core(1), core(2));
+        b.announce(Duration::ZERO, 1_000, a.identity().addr);
+        for _ in 0..4 {
+            for (_, d) in b.take_outbox() {
+                a.handle_datagram(Duration::ZERO, 1_000, &d);
+            }
+            for (_, d) in a.take_outbox() {
+                b.handle_datagram(Duration::ZERO, 1_000, &d);
+            }
+        }
+        let b_id = b.identity().clone();
+        assert!(a.member("n2").is_some(), "A has B");
+        let state = |a: &Core| {
+            a.foca
+                .iter_members()
+                .find(|m| m.id() == &b_id)
+                .map(|m| (m.state(), m.incarnation()))
+        };
+        let suspect = Member::new(b_id.clone(), 0, State::Suspect);
+        a.foca
+            .apply_many(std::iter::once(suspect), false, &mut a.rt)
+            .unwrap();
+        assert_eq!(state(&a), Some((State::Suspect, 0)));
+        let alive = Control::Alive {
+            from: b_id.clone(),
+            incarnation: 1,
+        };
+        a.handle_payload(Duration::ZERO, 1_000, &alive.encode());
+        assert_eq!(state(&a), Some((State::Alive, 1)));
+    }
+
+    #[test]
+    fn a_check_makes_the_suspect_refute_and_junk_control_messages_are_counted() {
+        let (mut a, mut b, prober) = (core(1), core(2), core(3));
         let (keys, cluster) = (
             Keyring::from_keys(&[[3u8; 32]]).unwrap(),
             Cluster::new("test"),
@@ -1341,38 +1465,63 @@ mod tests {
         let check = Control::Check {
             nonce: 42,
             from: a.identity().clone(),
+            prober: prober.identity().clone(),
             target: b.identity().clone(),
             incarnation: 0,
         };
         b.handle_payload(Duration::ZERO, 1_000, &check.encode());
         assert_eq!(b.stats.checks("received"), 1);
-        // B answers A with the nonce.
+        // B answers A with the nonce, and tells the prober it is alive above the suspected incarnation.
         let mut replay = ReplayWindow::new();
         let mut out = Vec::new();
-        let replies: Vec<Control> = b
+        let sent: Vec<(SocketAddr, Control)> = b
             .take_outbox()
             .into_iter()
-            .filter(|(to, _)| *to == a.identity().addr)
-            .filter_map(|(_, d)| {
+            .filter_map(|(to, d)| {
                 seal::open(&keys, &cluster, &mut replay, 1_000, &d, &mut out).ok()?;
-                Control::decode(&out)?.ok()
+                Some((to, Control::decode(&out)?.ok()?))
             })
             .collect();
-        assert_eq!(replies, vec![Control::Reply { nonce: 42 }]);
+        assert_eq!(
+            sent,
+            vec![
+                (
+                    prober.identity().addr,
+                    Control::Alive {
+                        from: b.identity().clone(),
+                        incarnation: 1
+                    }
+                ),
+                (a.identity().addr, Control::Reply { nonce: 42 }),
+            ]
+        );
         // A check of another run of B (an older generation) is not B's to answer.
         let mut old = b.identity().clone();
         old.generation = 0;
         let stale = Control::Check {
             nonce: 43,
             from: a.identity().clone(),
+            prober: prober.identity().clone(),
             target: old,
             incarnation: 0,
         };
         b.handle_payload(Duration::ZERO, 1_000, &stale.encode());
         assert_eq!(b.stats.checks("received"), 1);
-        // Tagged junk is dropped and counted.
+        assert!(b.take_outbox().is_empty());
+        // Tagged junk, and a well-formed request naming an invalid identity, are dropped and counted.
         a.handle_payload(Duration::ZERO, 1_000, &[suspicion::TAG, 0xee, 0x01]);
-        assert_eq!(a.stats.packets.get(&("in", "malformed")), Some(&1));
+        let mut nameless = b.identity().clone();
+        nameless.name = Arc::from("");
+        let bad = Control::CheckRequest {
+            nonce: 1,
+            from: nameless,
+            target: b.identity().clone(),
+            incarnation: 0,
+        };
+        a.handle_payload(Duration::ZERO, 1_000, &bad.encode());
+        assert_eq!(a.stats.packets.get(&("in", "malformed")), Some(&2));
+        assert_eq!(a.stats.packets.get(&("in", "ok")), None);
+        assert!(a.take_outbox().is_empty(), "nothing sent for junk");
     }
 
     proptest! {

@@ -6,17 +6,20 @@
 //! refutes first. Everyone else learns of the suspicion, and of the "down" that ends it, from gossip: that
 //! one timer decides how fast a crash is seen. Here the prober also asks [`CHECKERS`] random members to check X
 //! directly, each with up to [`CHECK_TRIES`] sealed control datagrams. A live X answers and, learning that it
-//! is suspected, refutes at once (Lifeguard's "buddy system"). A checker that gets no answer sends the prober
-//! a vote, and each distinct voter shortens the prober's timer:
+//! is suspected, refutes at once (Lifeguard's "buddy system") and tells the prober so directly. A checker that
+//! gets no answer sends the prober a vote, and each vote from a checker it asked shortens the prober's timer:
 //!
 //! `timeout(C) = max(min, max − (max − min) · ln(C + 1) / ln(K + 1))`, C votes, K = [`CONFIRMATIONS`],
 //!
-//! with `max = suspect_to_down_after` and `min = 3/8 · max`. A check of a live member fails only when all its
-//! round trips are lost (at 10 % loss, under 1 % of checks), so the timer of a false suspicion is rarely
-//! shortened, and then by one vote; a crashed member gets every vote and is declared down at the minimum.
+//! with `max = suspect_to_down_after` and `min = 3/8 · max`. On a lossy link a check of a live member fails
+//! only when all its round trips are lost (at 10 % loss, under 1 % of checks), so the timer of a false
+//! suspicion is rarely shortened, and then by one vote; a crashed member gets every vote and is declared down at
+//! the minimum. The price is paid by a member that stops answering altogether — a stalled process: it is
+//! declared down after about `probe_period + min` of silence (`lan`: 3 s) instead of `probe_period + max`
+//! (5.5 s). One that resumes before then answers the queued checks, and its direct word to the prober refutes
+//! in time.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{Incarnation, Timer};
@@ -28,10 +31,13 @@ use super::identity::NodeId;
 pub const CHECKERS: usize = 4;
 /// Check datagrams sent before a checker gives up and votes.
 pub const CHECK_TRIES: u8 = 3;
-/// Time between check datagrams; the check expires [`CHECK_EXPIRY`] after the first. Both stay well above a
-/// 500 ms stall of the suspect (whose answer comes when it resumes).
-pub const CHECK_SPACING: Duration = Duration::from_millis(250);
-pub const CHECK_EXPIRY: Duration = Duration::from_millis(800);
+
+/// Time between check datagrams, and when the check expires after the first: half and 1.6 times the profile's
+/// `probe_rtt` (`lan`: 250 ms and 800 ms, well above a 500 ms stall of the suspect, whose answer comes when it
+/// resumes; `wan`: 1.5 s and 4.8 s).
+pub fn check_timing(probe_rtt: Duration) -> (Duration, Duration) {
+    (probe_rtt / 2, probe_rtt * 8 / 5)
+}
 /// Votes after which a suspicion runs for the shortest time.
 pub const CONFIRMATIONS: usize = 3;
 /// Checks run at once for other members; requests beyond that are ignored.
@@ -53,17 +59,25 @@ pub enum Control {
         target: NodeId,
         incarnation: Incarnation,
     },
-    /// From a checker to the suspect: "you are suspected at `incarnation`", answered to `from`.
+    /// From a checker to the suspect: "`prober` suspects you at `incarnation`", answered to `from`.
     Check {
         nonce: u64,
         from: NodeId,
+        prober: NodeId,
         target: NodeId,
         incarnation: Incarnation,
     },
     /// From the suspect to the checker.
     Reply { nonce: u64 },
-    /// From a checker to the prober: `target` did not answer.
+    /// From the suspect to the prober, after it refuted: alive at `incarnation` (above the suspected one), so
+    /// a suspect that was stalled refutes in time even when gossip is slow to carry it.
+    Alive {
+        from: NodeId,
+        incarnation: Incarnation,
+    },
+    /// From a checker to the prober: `target` did not answer the check the prober asked for with `nonce`.
     Vote {
+        nonce: u64,
         from: NodeId,
         target: NodeId,
         incarnation: Incarnation,
@@ -98,7 +112,9 @@ struct Entry {
     timer: Timer<NodeId>,
     /// The earliest time a copy of the timer is due.
     due: Duration,
-    voters: BTreeSet<Arc<str>>,
+    /// Nonces of the check requests sent; a vote must carry one, and counts once.
+    asked: Vec<u64>,
+    voted: BTreeSet<u64>,
 }
 
 impl Suspicions {
@@ -120,8 +136,21 @@ impl Suspicions {
             .max(self.min)
     }
 
-    /// foca started the suspicion timer `timer` (the member failed our probe), due `after` from now.
-    pub fn started(&mut self, now: Duration, after: Duration, timer: &Timer<NodeId>) {
+    /// Whether this suspicion is being timed already (foca starts the timer again each time it probes a
+    /// member that is still suspect).
+    pub fn is_tracked(&self, target: &NodeId, incarnation: Incarnation) -> bool {
+        self.entries.contains_key(&(target.clone(), incarnation))
+    }
+
+    /// foca started the suspicion timer `timer` (the member failed our probe), due `after` from now, and
+    /// checks were requested with the nonces `asked`.
+    pub fn started(
+        &mut self,
+        now: Duration,
+        after: Duration,
+        timer: &Timer<NodeId>,
+        asked: Vec<u64>,
+    ) {
         let Timer::ChangeSuspectToDown {
             member_id,
             incarnation,
@@ -130,39 +159,39 @@ impl Suspicions {
         else {
             return;
         };
-        // Long-finished suspicions go; a flood of them cannot grow the map without bound.
+        // Finished suspicions go; a flood of them cannot grow the map without bound.
         let horizon = self.max * 2;
         self.entries
             .retain(|_, e| now.saturating_sub(e.started) < horizon);
         if self.entries.len() >= MAX_TRACKED {
             return;
         }
-        self.entries.insert(
-            (member_id.clone(), *incarnation),
-            Entry {
+        self.entries
+            .entry((member_id.clone(), *incarnation))
+            .or_insert(Entry {
                 started: now,
                 timer: timer.clone(),
                 due: now + after,
-                voters: BTreeSet::new(),
-            },
-        );
+                asked,
+                voted: BTreeSet::new(),
+            });
     }
 
-    /// `voter` found `target` silent at `incarnation`. Returns when to deliver the suspicion timer instead, if
-    /// the vote brings it forward.
+    /// The checker asked with `nonce` found `target` silent at `incarnation`. Returns when to deliver the
+    /// suspicion timer instead, if the vote brings it forward.
     pub fn vote(
         &mut self,
         now: Duration,
-        voter: &Arc<str>,
+        nonce: u64,
         target: &NodeId,
         incarnation: Incarnation,
     ) -> Option<(Duration, Timer<NodeId>)> {
         let votes = {
             let e = self.entries.get_mut(&(target.clone(), incarnation))?;
-            if !e.voters.insert(voter.clone()) {
+            if !e.asked.contains(&nonce) || !e.voted.insert(nonce) {
                 return None;
             }
-            e.voters.len()
+            e.voted.len()
         };
         let timeout = self.timeout(votes);
         let e = self.entries.get_mut(&(target.clone(), incarnation))?;
@@ -178,13 +207,14 @@ impl Suspicions {
     pub fn votes(&self, target: &NodeId, incarnation: Incarnation) -> usize {
         self.entries
             .get(&(target.clone(), incarnation))
-            .map_or(0, |e| e.voters.len())
+            .map_or(0, |e| e.voted.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn node(name: &str) -> NodeId {
         NodeId {
@@ -215,42 +245,52 @@ mod tests {
     }
 
     #[test]
-    fn votes_bring_the_timer_forward_once_per_new_voter() {
+    fn votes_bring_the_timer_forward_once_per_asked_checker() {
         let mut s = Suspicions::new(Duration::from_secs(4));
         let t0 = Duration::from_secs(100);
         let web = node("web-1");
-        let (a, b, c, d) = (
-            Arc::from("a"),
-            Arc::from("b"),
-            Arc::from("c"),
-            Arc::from("d"),
-        );
-        assert!(s.vote(t0, &a, &web, 2).is_none(), "no suspicion yet");
-        s.started(t0, Duration::from_secs(4), &timer());
-        let (at, fired) = s.vote(t0, &a, &web, 2).unwrap();
+        assert!(s.vote(t0, 1, &web, 2).is_none(), "no suspicion yet");
+        assert!(!s.is_tracked(&web, 2));
+        s.started(t0, Duration::from_secs(4), &timer(), vec![1, 2, 3, 4]);
+        assert!(s.is_tracked(&web, 2));
+        let (at, fired) = s.vote(t0, 1, &web, 2).unwrap();
         assert_eq!(at, t0 + s.timeout(1));
         assert_eq!(fired, timer());
-        assert!(s.vote(t0, &a, &web, 2).is_none(), "the same voter twice");
-        let (at, _) = s.vote(t0, &b, &web, 2).unwrap();
+        assert!(s.vote(t0, 1, &web, 2).is_none(), "the same checker twice");
+        assert!(s.vote(t0, 99, &web, 2).is_none(), "a checker nobody asked");
+        let (at, _) = s.vote(t0, 2, &web, 2).unwrap();
         assert_eq!(at, t0 + s.timeout(2));
+        // foca starting the timer again (it probed the suspect again) changes nothing.
+        s.started(
+            t0 + Duration::from_secs(1),
+            Duration::from_secs(4),
+            &timer(),
+            vec![5, 6],
+        );
+        assert_eq!(s.votes(&web, 2), 2);
         // Late votes make the timer due at once, never in the past.
         let late = t0 + Duration::from_millis(1800);
-        assert_eq!(s.vote(late, &c, &web, 2).unwrap().0, late);
-        assert!(s.vote(late, &d, &web, 2).is_none(), "already due");
+        assert_eq!(s.vote(late, 3, &web, 2).unwrap().0, late);
+        assert!(s.vote(late, 4, &web, 2).is_none(), "already due");
         assert_eq!(s.votes(&web, 2), 4);
         // A vote on another incarnation (the member refuted since) counts for nothing.
-        assert!(s.vote(late, &a, &web, 3).is_none());
+        assert!(s.vote(late, 1, &web, 3).is_none());
         // Neither does one on another run of the host.
         let mut old = web.clone();
         old.generation = 6;
-        assert!(s.vote(late, &b, &old, 2).is_none());
+        assert!(s.vote(late, 2, &old, 2).is_none());
         // Finished suspicions are forgotten once the next one starts.
         let mut next = timer();
         if let Timer::ChangeSuspectToDown { incarnation, .. } = &mut next {
             *incarnation = 5;
         }
-        s.started(t0 + Duration::from_secs(60), Duration::from_secs(4), &next);
-        assert_eq!(s.votes(&web, 2), 0);
+        s.started(
+            t0 + Duration::from_secs(60),
+            Duration::from_secs(4),
+            &next,
+            vec![7],
+        );
+        assert!(!s.is_tracked(&web, 2));
     }
 
     #[test]
@@ -258,11 +298,13 @@ mod tests {
         let c = Control::Check {
             nonce: 9,
             from: node("a"),
+            prober: node("b"),
             target: node("web-1"),
             incarnation: 1,
         };
         assert_eq!(Control::decode(&c.encode()), Some(Ok(c)));
         let v = Control::Vote {
+            nonce: 3,
             from: node("a"),
             target: node("web-1"),
             incarnation: 1,
