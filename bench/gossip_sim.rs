@@ -568,6 +568,14 @@ fn run_with_a_stalled_host(sim: &mut Sim, stalled: usize, span: Duration) {
             Ev::Unstall { node: stalled },
         );
         t += Duration::from_secs(5);
+        if (t - t0).as_secs().is_multiple_of(600) {
+            eprintln!(
+                "stalled-host run: {} of {} simulated s, {} false removals so far",
+                (t - t0).as_secs(),
+                span.as_secs(),
+                sim.false_removals()
+            );
+        }
     }
     sim.run_until(t0 + span);
 }
