@@ -6,7 +6,7 @@
 //! packet timestamps.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -244,6 +244,8 @@ pub struct Core {
     /// Suspicions being timed, with the votes on them; and the checks this agent runs.
     suspicions: Suspicions,
     checks: HashMap<u64, Pending>,
+    /// Other agents seen with this agent's own node name (each logged once).
+    name_conflicts: HashSet<NodeId>,
     rng: fastrand::Rng,
     buf: Vec<u8>,
     wall_ms: u64,
@@ -295,6 +297,7 @@ impl Core {
             stats: Stats::default(),
             suspicions,
             checks: HashMap::new(),
+            name_conflicts: HashSet::new(),
             rng: own_rng,
             buf: Vec::new(),
             wall_ms: 0,
@@ -793,6 +796,14 @@ impl Core {
     }
 
     fn set_info(&mut self, id: &NodeId, state: &'static str) {
+        // News about an older run of that name (a restart's `Rename` after the new run is up) changes nothing.
+        if self
+            .info
+            .get(&*id.name)
+            .is_some_and(|m| m.generation > id.generation)
+        {
+            return;
+        }
         let endpoints = lock(&self.store).endpoint_count(&id.name);
         self.info.insert(
             id.name.to_string(),
@@ -809,6 +820,38 @@ impl Core {
     }
 
     fn member_up(&mut self, id: NodeId) {
+        // Another agent with this agent's name: a configuration mistake (two hosts with one `node.name`).
+        // Never route to it from here; peers keep routing to the one they saw first.
+        if id.name == self.identity().name && id.addr != self.identity().addr {
+            if self.name_conflicts.len() < 64 && self.name_conflicts.insert(id.clone()) {
+                tracing::error!(
+                    node = %id.name,
+                    other = %id.addr,
+                    own = %self.identity().addr,
+                    "another agent claims this agent's node name: peers keep routing to the one they saw first; \
+                     give every agent its own node.name"
+                );
+            }
+            return;
+        }
+        // Two live agents with one name: keep routing to the one already routed, so a misconfigured newcomer
+        // cannot take a host's endpoints out of the mesh. It takes over once the other is declared down or
+        // leaves (`member_down`), as a host that came back at another address does.
+        if let Some(old) = self.members.get(&*id.name)
+            && old.addr != id.addr
+            && self.foca.iter_members().any(|m| m.id() == old)
+        {
+            if self.name_conflicts.len() < 64 && self.name_conflicts.insert(id.clone()) {
+                tracing::warn!(
+                    node = %id.name,
+                    addr = %id.addr,
+                    routed = %old.addr,
+                    "two live agents claim this node name: routing stays with the one already routed; give \
+                     every agent its own node.name"
+                );
+            }
+            return;
+        }
         // A newer run of that name is already routed (an old identity resurfacing from a peer's list).
         if self
             .members
@@ -834,6 +877,17 @@ impl Core {
     }
 
     fn member_down(&mut self, id: &NodeId) {
+        if id.name == self.identity().name && id.addr != self.identity().addr {
+            return; // the other agent with this agent's name: never routed here
+        }
+        if self
+            .members
+            .get(&*id.name)
+            .is_some_and(|m| m.addr != id.addr)
+        {
+            // A second agent with a routed member's name (never routed) has gone: nothing changes.
+            return;
+        }
         tracing::info!(node = %id.name, generation = id.generation, "member down");
         self.set_info(id, "down");
         let routed = self

@@ -56,27 +56,55 @@ pub struct Bound {
 }
 
 /// The address peers reach this agent at: `node.advertise_addr`, else the gossip listener's own IP, else the
-/// local address the kernel would use toward the first seed that is an IP.
-fn own_ip(config: &Config, gossip: &GossipConfig) -> anyhow::Result<IpAddr> {
+/// local address the kernel would use toward the first seed that resolves (an IP, or a DNS name such as a
+/// compose service), else the address of the default route. Connecting a UDP socket sends nothing.
+async fn own_ip(config: &Config, gossip: &GossipConfig) -> anyhow::Result<IpAddr> {
     if let Some(ip) = config.node.advertise_addr {
         return Ok(ip);
     }
     if !gossip.listen.ip().is_unspecified() {
         return Ok(gossip.listen.ip());
     }
+    let toward = |addr: SocketAddr| -> Option<IpAddr> {
+        let any = if addr.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        let s = std::net::UdpSocket::bind((any, 0)).ok()?;
+        s.connect(addr).ok()?;
+        let local = s.local_addr().ok()?.ip();
+        (!local.is_unspecified()).then_some(local)
+    };
     for seed in &gossip.seeds {
-        if let Ok(addr) = seed.parse::<SocketAddr>()
-            && let Ok(s) = std::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0))
-            && s.connect(addr).is_ok()
-            && let Ok(local) = s.local_addr()
-            && !local.ip().is_unspecified()
-        {
-            return Ok(local.ip());
+        let found: Vec<SocketAddr> = match seed.parse::<SocketAddr>() {
+            Ok(a) => vec![a],
+            Err(_) => match tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::lookup_host(seed.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(addrs)) => addrs.collect(),
+                _ => Vec::new(),
+            },
+        };
+        if let Some(ip) = found.into_iter().find_map(toward) {
+            return Ok(ip);
         }
     }
+    // No seed resolves (they may not exist yet): the interface of the default route.
+    let probe = SocketAddr::from(([192, 0, 2, 1], 4145));
+    if let Some(ip) = toward(probe) {
+        tracing::info!(
+            %ip,
+            "node.advertise_addr is not set and no gossip seed resolves: advertising the default route's address"
+        );
+        return Ok(ip);
+    }
     anyhow::bail!(
-        "node.advertise_addr: gossip listens on {} and no seed is an IP to find the local address by: set \
-         node.advertise_addr to the address other hosts reach this one at",
+        "node.advertise_addr: gossip listens on {}, no seed resolves and there is no default route to find the \
+         local address by: set node.advertise_addr to the address other hosts reach this one at",
         gossip.listen
     )
 }
@@ -91,7 +119,7 @@ pub async fn bind(config: &Config, inbound: SocketAddr) -> anyhow::Result<Option
     let socket = UdpSocket::bind(g.listen)
         .await
         .with_context(|| format!("gossip.listen: cannot listen on {}", g.listen))?;
-    let ip = own_ip(config, g)?;
+    let ip = own_ip(config, g).await?;
     let port = socket.local_addr()?.port();
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
