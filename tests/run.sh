@@ -32,7 +32,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # Docker tests (tests/docker.rs) run against the real engine with their own image: a static
-# meshd-test-backend in a FROM scratch image (no registry is needed). Built once per run under a per-run tag;
+# meshd-demo in a FROM scratch image (no registry is needed). Built once per run under a per-run tag;
 # the image and anything left labelled with this run's id are removed on exit.
 if ! docker version >/dev/null 2>&1; then
   echo "tests/run.sh: the Docker tests need a reachable Docker engine (docker version failed)" >&2
@@ -40,6 +40,7 @@ if ! docker version >/dev/null 2>&1; then
 fi
 export MESHD_TEST_RUN="r$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 export MESHD_TEST_IMAGE="meshd-test-backend:$MESHD_TEST_RUN"
+export MESHD_COMPOSE_TAG="$MESHD_TEST_RUN"
 cleanup_docker() {
   local ids
   ids=$(docker ps -aq --filter "label=meshd-test-run=$MESHD_TEST_RUN" 2>/dev/null || true)
@@ -47,13 +48,18 @@ cleanup_docker() {
   ids=$(docker network ls -q --filter "label=meshd-test-run=$MESHD_TEST_RUN" 2>/dev/null || true)
   if [ -n "$ids" ]; then docker network rm $ids >/dev/null 2>&1 || echo "tests/run.sh: could not remove test networks $ids" >&2; fi
   docker rmi "$MESHD_TEST_IMAGE" >/dev/null 2>&1 || true
+  for image in meshd meshd-demo meshd-init; do docker rmi "$image:$MESHD_COMPOSE_TAG" >/dev/null 2>&1 || true; done
 }
 trap cleanup_docker EXIT
 RUSTFLAGS='-C target-feature=+crt-static' \
-  cargo build --release --target x86_64-unknown-linux-gnu --bin meshd-test-backend
+  cargo build --release --target x86_64-unknown-linux-gnu --bin meshd-demo
 image_ctx=$(mktemp -d)
-cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/meshd-test-backend" "$image_ctx/"
+cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/meshd-demo" "$image_ctx/"
 docker build -q -t "$MESHD_TEST_IMAGE" -f tests/docker/Dockerfile "$image_ctx" >/dev/null
 rm -rf "$image_ctx"
+
+# The compose demo's images (tests/compose.rs), under this run's tag.
+export MESHD_COMPOSE_TAG="$MESHD_TEST_RUN"
+MESHD_TAG="$MESHD_COMPOSE_TAG" bash compose/build.sh
 
 cargo nextest run --all-targets --no-fail-fast "$@"

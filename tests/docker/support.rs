@@ -1,6 +1,6 @@
 //! Support for tests (and the bench) that run against the real Docker engine.
 //!
-//! - [`image`]: the `FROM scratch` backend image (tests/docker/Dockerfile + a static `meshd-test-backend`),
+//! - [`image`]: the `FROM scratch` backend image (tests/docker/Dockerfile + a static `meshd-demo`),
 //!   built once per run: tests/run.sh builds it under `$MESHD_TEST_IMAGE` and removes it at the end; without
 //!   that variable the first test builds `meshd-test-backend:dev` under a file lock and leaves it for the next
 //!   run.
@@ -87,7 +87,7 @@ const SOURCE_LABEL: &str = "meshd.test-backend-source";
 /// FNV-1a of the files the image is made from (stable across builds, unlike `DefaultHasher`).
 fn source_hash() -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in include_str!("../../src/bin/meshd-test-backend.rs")
+    for b in include_str!("../../src/bin/meshd-demo.rs")
         .bytes()
         .chain(include_str!("Dockerfile").bytes())
     {
@@ -161,18 +161,15 @@ fn build_image(tag: &str, source: Option<&str>) {
             "--target",
             "x86_64-unknown-linux-gnu",
             "--bin",
-            "meshd-test-backend",
+            "meshd-demo",
         ])
         .status()
         .unwrap();
-    assert!(
-        status.success(),
-        "building the static meshd-test-backend failed"
-    );
-    let binary = target.join("x86_64-unknown-linux-gnu/release/meshd-test-backend");
+    assert!(status.success(), "building the static meshd-demo failed");
+    let binary = target.join("x86_64-unknown-linux-gnu/release/meshd-demo");
     let ctx = std::env::temp_dir().join(format!("meshd-test-image-{}", std::process::id()));
     std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::copy(&binary, ctx.join("meshd-test-backend")).unwrap();
+    std::fs::copy(&binary, ctx.join("meshd-demo")).unwrap();
     let out = std::process::Command::new("docker")
         .args(["build", "-q", "-t", tag, "--label"])
         .arg(format!("{SOURCE_LABEL}={}", source.unwrap_or("")))
