@@ -69,6 +69,12 @@ impl Drop for Project {
         for c in &self.extra {
             let _ = run("docker", &["rm", "-f", "-v", c], &[]);
         }
+        // The volume the "agent before init" case started with (not a compose volume).
+        let _ = run(
+            "docker",
+            &["volume", "rm", "-f", &format!("{}_empty", self.name)],
+            &[],
+        );
         let o = self.compose(&["down", "-v", "--remove-orphans", "--timeout", "3"]);
         if !o.status.success() {
             eprintln!(
@@ -398,11 +404,7 @@ fn three_agents_route_across_hosts_survive_a_killed_agent_and_report_bad_input()
     assert_eq!(exited.map(|(_, s)| s).as_deref(), Some("exited 64"));
     let l = logs(&early);
     assert!(l.contains("tls.ca") && l.contains("/pki/ca.crt"), "{l}");
-    let _ = run(
-        "docker",
-        &["volume", "rm", &format!("{}_empty", p.name)],
-        &[],
-    );
+    // Its empty volume goes with the extra containers at the end (it is in use until then).
 
     // Bad input 4: an agent with no Docker socket says so, stays unready, and the cluster keeps working.
     let node_d = format!("{}/node-d.toml", path_str(p.scratch.path()));
