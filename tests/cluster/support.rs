@@ -1,7 +1,6 @@
-//! Shared by tests/compose.rs and tests/swarm.rs: running docker and docker-compose, plain HTTP/1.1 GETs
-//! against published ports, polling, and the images compose/build.sh makes.
-
-#![allow(dead_code)]
+//! Helpers for tests that drive whole clusters through the docker CLI (tests/compose.rs): running docker and
+//! docker-compose, plain HTTP/1.1 GETs against published ports, polling, and the images compose/build.sh
+//! makes.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
