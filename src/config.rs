@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::util::duration;
+use crate::util::subnet::Subnet;
 
 pub mod policy;
 
@@ -89,6 +90,8 @@ pub struct Config {
 pub struct NodeConfig {
     pub name: String,
     pub advertise_addr: Option<IpAddr>,
+    /// `advertise_addr` written as a subnet: the agent advertises its own address on that network.
+    pub advertise_subnet: Option<Subnet>,
     pub cluster: String,
     #[serde(serialize_with = "duration::ser")]
     pub drain_timeout: Duration,
@@ -606,27 +609,36 @@ impl RawConfig {
             }
             None => default_node_name(),
         };
-        let advertise_addr =
-            self.node
-                .advertise_addr
-                .as_ref()
-                .and_then(|a| match a.parse::<IpAddr>() {
-                    Ok(ip) if ip.is_unspecified() => {
-                        pr.push(
-                            p!("node", "advertise_addr"),
-                            format!("{a:?}: must be an address peers can dial"),
-                        );
-                        None
-                    }
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        pr.push(
-                            p!("node", "advertise_addr"),
-                            format!("{a:?}: not an IP address"),
-                        );
-                        None
-                    }
-                });
+        let mut advertise_subnet = None;
+        let advertise_addr = self.node.advertise_addr.as_ref().and_then(|a| {
+            if a.contains('/') {
+                match a.parse::<Subnet>() {
+                    Ok(net) => advertise_subnet = Some(net),
+                    Err(why) => pr.push(
+                        p!("node", "advertise_addr"),
+                        format!("{a:?}: not a subnet: {why}"),
+                    ),
+                }
+                return None;
+            }
+            match a.parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => {
+                    pr.push(
+                        p!("node", "advertise_addr"),
+                        format!("{a:?}: must be an address peers can dial"),
+                    );
+                    None
+                }
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    pr.push(
+                        p!("node", "advertise_addr"),
+                        format!("{a:?}: not an IP address or a subnet (ADDRESS/PREFIX)"),
+                    );
+                    None
+                }
+            }
+        });
         let cluster = self
             .node
             .cluster
@@ -950,6 +962,7 @@ impl RawConfig {
             node: NodeConfig {
                 name,
                 advertise_addr,
+                advertise_subnet,
                 cluster,
                 drain_timeout,
             },
@@ -1306,6 +1319,25 @@ mod tests {
         has(&ps, "inbound.idle_timeout", 2, "greater than zero");
         has(&ps, "inbound.max_connections", 3, "between 1");
         has(&ps, "admin.header_timeout", 5, "not a duration");
+    }
+
+    #[test]
+    fn advertise_addr_takes_an_ip_or_a_subnet() {
+        let cfg = Config::from_toml("[node]\nadvertise_addr = \"10.213.0.0/20\"\n").unwrap();
+        assert_eq!(cfg.node.advertise_addr, None);
+        assert_eq!(
+            cfg.node.advertise_subnet.map(|s| s.to_string()),
+            Some("10.213.0.0/20".to_string())
+        );
+        for (bad, needle) in [
+            ("10.213.0.1/20", "write the network address (10.213.0.0/20)"),
+            ("10.0.0.0/40", "prefix \"40\""),
+            ("node-a", "not an IP address or a subnet"),
+            ("0.0.0.0", "peers can dial"),
+        ] {
+            let ps = problems(&format!("[node]\nadvertise_addr = \"{bad}\"\n"));
+            has(&ps, "node.advertise_addr", 2, needle);
+        }
     }
 
     #[test]

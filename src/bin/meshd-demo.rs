@@ -2,7 +2,7 @@
 //! static binary that is the only file in its `FROM scratch` image.
 //!
 //! ```text
-//! meshd-demo [serve] --name NAME [--listen 0.0.0.0:8080] [--health ok|fail] [--stop-delay SECS]
+//! meshd-demo [serve] [--name NAME] [--listen 0.0.0.0:8080] [--health ok|fail] [--stop-delay SECS]
 //!                    [--delay MS] [--status CODE]
 //! meshd-demo front [--listen 0.0.0.0:8080] [--upstream SERVICE] [--proxy http://HOST:PORT]
 //! meshd-demo health [--url http://127.0.0.1:8080/healthz]      # exit 0 when it answers 200
@@ -16,7 +16,7 @@
 //!
 //! `front` is the caller: `GET /?calls=N` sends N requests (default 20, four at a time) to
 //! `http://SERVICE/` through the local mesh agent (`--proxy`, else `$http_proxy`) and answers with a tally of
-//! who answered; `&format=json` gives the same as JSON. Only tokio, hyper, hyper-util and serde_json.
+//! who answered; `&format=json` gives the same as JSON. Only tokio, hyper, hyper-util, serde_json and gethostname.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "usage:
-  meshd-demo [serve] --name NAME [--listen ADDR] [--health ok|fail] [--stop-delay SECS] [--delay MS] [--status CODE]
+  meshd-demo [serve] [--name NAME (default: the host name)] [--listen ADDR] [--health ok|fail] [--stop-delay SECS] [--delay MS] [--status CODE]
   meshd-demo front [--listen ADDR] [--upstream SERVICE] [--proxy http://HOST:PORT]
   meshd-demo health [--url http://127.0.0.1:8080/healthz]";
 
@@ -145,7 +145,13 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
         _ => {}
     }
     Ok(Cmd::Serve(Serve {
-        name: name.ok_or("--name is required")?,
+        // Without --name, the host name: a Swarm service sets it per task with a template.
+        name: match name {
+            Some(n) => n,
+            None => gethostname::gethostname()
+                .into_string()
+                .map_err(|_| "--name is required (the host name is not UTF-8)")?,
+        },
         listen: listen
             .parse()
             .map_err(|_| format!("--listen {listen:?}: not an IP:port"))?,

@@ -55,15 +55,13 @@ pub struct Bound {
     cluster: String,
 }
 
-/// The address peers reach this agent at: `node.advertise_addr`, else the gossip listener's own IP, else the
+/// The address peers reach this agent at: `node.advertise_addr` (an IP, or this host's address on a subnet),
+/// else the gossip listener's own IP, else the
 /// local address the kernel would use toward the first seed that resolves (an IP, or a DNS name such as a
 /// compose service), else the address of the default route. Connecting a UDP socket sends nothing.
 async fn own_ip(config: &Config, gossip: &GossipConfig) -> anyhow::Result<IpAddr> {
     if let Some(ip) = config.node.advertise_addr {
         return Ok(ip);
-    }
-    if !gossip.listen.ip().is_unspecified() {
-        return Ok(gossip.listen.ip());
     }
     let toward = |addr: SocketAddr| -> Option<IpAddr> {
         let any = if addr.is_ipv4() {
@@ -76,6 +74,20 @@ async fn own_ip(config: &Config, gossip: &GossipConfig) -> anyhow::Result<IpAddr
         let local = s.local_addr().ok()?.ip();
         (!local.is_unspecified()).then_some(local)
     };
+    if let Some(net) = config.node.advertise_subnet {
+        // The kernel's choice of source address toward the subnet is this host's address on it.
+        return match toward(SocketAddr::new(net.probe(), 4145)) {
+            Some(ip) if net.contains(ip) => Ok(ip),
+            found => anyhow::bail!(
+                "node.advertise_addr = \"{net}\": this host has no address on {net} (the route toward it leaves \
+                 from {}); attach the agent to that network or set advertise_addr to an IP address",
+                found.map_or_else(|| "nowhere".to_string(), |ip| ip.to_string())
+            ),
+        };
+    }
+    if !gossip.listen.ip().is_unspecified() {
+        return Ok(gossip.listen.ip());
+    }
     for seed in &gossip.seeds {
         let found: Vec<SocketAddr> = match seed.parse::<SocketAddr>() {
             Ok(a) => vec![a],
@@ -296,5 +308,33 @@ impl Membership {
                 Err(problems)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn advertised(addr: &str) -> anyhow::Result<IpAddr> {
+        let config = Config::from_toml(&format!(
+            "[node]\nadvertise_addr = \"{addr}\"\n[gossip]\nkeyring = \"/nonexistent\"\n"
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let gossip = config
+            .gossip
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no gossip"))?;
+        own_ip(&config, &gossip).await
+    }
+
+    #[tokio::test]
+    async fn a_subnet_advertises_this_hosts_address_on_it() {
+        assert_eq!(
+            advertised("127.0.0.0/8").await.unwrap(),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        // TEST-NET-3 is on no interface here: the error names the subnet instead of advertising another address.
+        let err = advertised("203.0.113.0/24").await.unwrap_err().to_string();
+        assert!(err.contains("no address on 203.0.113.0/24"), "{err}");
     }
 }

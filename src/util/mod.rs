@@ -3,5 +3,6 @@
 
 pub mod backoff;
 pub mod duration;
+pub mod subnet;
 
 pub use backoff::Backoff;

@@ -1,6 +1,8 @@
-//! Helpers for tests that drive whole clusters through the docker CLI (tests/compose.rs): running docker and
-//! docker-compose, plain HTTP/1.1 GETs against published ports, polling, and the images compose/build.sh
-//! makes.
+//! Helpers for tests that drive whole clusters through the docker CLI (tests/compose.rs, tests/swarm.rs,
+//! tests/sysctl.rs): running docker and docker-compose, plain HTTP/1.1 GETs against published ports, polling,
+//! and the images compose/build.sh makes.
+// Each test crate that includes this file uses a different subset of it.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
