@@ -26,6 +26,7 @@ use crate::proxy::tunnel::Tunnels;
 use crate::readiness::Readiness;
 use crate::reload;
 use crate::routing::{Router, RoutingHandle, Source, Table};
+use crate::systemd::READY_NOTIFY_LIMIT;
 use crate::telemetry::{Direction, Metrics};
 
 /// After leaving the gossip cluster, listeners stay open this long (at most half the drain timeout) while
@@ -202,6 +203,7 @@ impl Bound {
             }
             None => (None, None),
         };
+        let notifier = crate::systemd::Notifier::from_env();
         let (config_tx, config_rx) = watch::channel(config.clone());
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let reloader = tokio::spawn(reload::run(
@@ -213,6 +215,7 @@ impl Bound {
                 tls: tls.clone(),
                 membership: membership.clone(),
                 failures: metrics.config_reload_failures.clone(),
+                notifier: notifier.clone(),
             },
             stop_router.clone(),
         ));
@@ -357,8 +360,40 @@ impl Bound {
         tracing::info!(direction = "inbound", addr = %inbound_addr, "listening");
         tracing::info!(direction = "admin", addr = %admin_addr, "listening");
         tracing::info!(node = %config.node.name, "meshd is serving");
+        let stop_watchdog = CancellationToken::new();
+        if notifier.enabled() {
+            tokio::spawn(notify_ready(
+                notifier.clone(),
+                readiness.clone(),
+                membership.clone(),
+            ));
+            if let Some(interval) = crate::systemd::watchdog_interval() {
+                let (notifier, routing, membership) =
+                    (notifier.clone(), routing.clone(), membership.clone());
+                let stop = stop_watchdog.clone();
+                tokio::spawn(async move {
+                    let probe = || {
+                        let (routing, membership) = (routing.clone(), membership.clone());
+                        async move {
+                            if !routing.is_alive() {
+                                return Err("the router has stopped".to_string());
+                            }
+                            if let Some(m) = membership
+                                && !m.ping(interval / 2).await
+                            {
+                                return Err("the gossip task does not answer".to_string());
+                            }
+                            Ok(())
+                        }
+                    };
+                    crate::systemd::watchdog(&notifier, interval, probe, stop).await
+                });
+            }
+        }
 
         shutdown.await;
+        notifier.stopping();
+        stop_watchdog.cancel();
         readiness.set_draining();
         let drain_deadline = tokio::time::Instant::now() + drain;
         if let Some(m) = &membership {
@@ -399,6 +434,33 @@ impl Bound {
         tracing::info!("meshd stopped");
         Ok(())
     }
+}
+
+/// `READY=1` for systemd once `/ready` would answer 200, or after [`READY_NOTIFY_LIMIT`] with a degraded
+/// status: a host whose Docker socket is missing still starts and serves what gossip and static config give.
+async fn notify_ready(
+    notifier: crate::systemd::Notifier,
+    readiness: Arc<Readiness>,
+    membership: Option<crate::membership::Membership>,
+) {
+    let status = match tokio::time::timeout(READY_NOTIFY_LIMIT, readiness.wait()).await {
+        Ok(()) => match &membership {
+            Some(m) if !m.joined() => "serving (degraded: gossip has not joined)".to_string(),
+            _ => "serving".to_string(),
+        },
+        Err(_) => {
+            tracing::warn!(
+                limit = ?READY_NOTIFY_LIMIT,
+                "not ready yet (discovery has not synced or gossip has not joined): telling systemd the agent \
+                 started anyway; /ready still answers 503"
+            );
+            format!(
+                "serving (degraded: not ready after {}s; see /ready and the log)",
+                READY_NOTIFY_LIMIT.as_secs()
+            )
+        }
+    };
+    notifier.ready(&status);
 }
 
 /// Closes pooled connections that have been idle too long, across every endpoint in the table.

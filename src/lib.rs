@@ -29,6 +29,8 @@ pub mod readiness;
 pub mod reload;
 pub mod routing;
 pub mod shutdown;
+pub mod sysctl;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod util;

@@ -77,6 +77,32 @@ enum Command {
         #[command(subcommand)]
         command: GossipCommand,
     },
+    /// Kernel settings for a proxy host (systemd/sysctl.d/): compare with /proc/sys, or write them.
+    Sysctl {
+        #[command(subcommand)]
+        command: SysctlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SysctlCommand {
+    /// Print key, current, wanted and why; exit 0 when the host matches the profile, 1 when it drifts.
+    Check {
+        /// conservative or proxy-host.
+        #[arg(long)]
+        profile: String,
+        /// Where the kernel's settings are read (for tests).
+        #[arg(long, default_value = "/proc/sys", hide = true)]
+        proc_sys: PathBuf,
+    },
+    /// Write the profile's values that differ (as root), and print what changed.
+    Apply {
+        /// conservative or proxy-host.
+        #[arg(long)]
+        profile: String,
+        #[arg(long, default_value = "/proc/sys", hide = true)]
+        proc_sys: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +197,7 @@ fn main() -> ExitCode {
             println!("{}", meshd::membership::keyring::generate_line());
             ExitCode::SUCCESS
         }
+        Command::Sysctl { command } => sysctl(command),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -381,6 +408,42 @@ fn run(
             }
         }
     })
+}
+
+fn sysctl(command: SysctlCommand) -> ExitCode {
+    let (profile, root, apply) = match &command {
+        SysctlCommand::Check { profile, proc_sys } => (profile, proc_sys, false),
+        SysctlCommand::Apply { profile, proc_sys } => (profile, proc_sys, true),
+    };
+    let settings = match meshd::sysctl::profile(profile) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("meshd sysctl: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if apply {
+        return match meshd::sysctl::apply(root, &settings) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd sysctl apply: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let rows = meshd::sysctl::compare(root, &settings);
+    print!("{}", meshd::sysctl::render(&rows));
+    if rows.iter().all(meshd::sysctl::Row::matches) {
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "the host drifts from profile {profile}: `meshd sysctl apply --profile {profile}` as root sets it"
+        );
+        ExitCode::FAILURE
+    }
 }
 
 fn health(admin: SocketAddr) -> ExitCode {

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub struct Readiness {
     pending: AtomicUsize,
     draining: AtomicBool,
+    /// Woken when the last token comes back.
+    all_back: tokio::sync::Notify,
 }
 
 /// Held by a subsystem until it is ready; dropping it (or calling `ready`) marks it ready.
@@ -35,6 +37,19 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.pending.load(Ordering::SeqCst) == 0 && !self.draining.load(Ordering::SeqCst)
     }
+
+    /// Resolves once every token is back (at once if they are).
+    pub async fn wait(&self) {
+        loop {
+            let back = self.all_back.notified();
+            tokio::pin!(back);
+            back.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            back.await;
+        }
+    }
 }
 
 impl ReadyToken {
@@ -43,7 +58,9 @@ impl ReadyToken {
 
 impl Drop for ReadyToken {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::SeqCst);
+        if self.0.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.all_back.notify_waiters();
+        }
     }
 }
 
@@ -63,5 +80,23 @@ mod tests {
         assert!(r.is_ready());
         r.set_draining();
         assert!(!r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn wait_resolves_when_the_last_token_comes_back() {
+        let r = Readiness::new();
+        let a = r.token();
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        r.wait().await;
     }
 }

@@ -46,6 +46,8 @@ pub struct Targets {
     pub membership: Option<crate::membership::Membership>,
     /// `meshd_config_reload_failures_total`
     pub failures: prometheus::IntCounter,
+    /// `RELOADING=1` … `READY=1` around each reload under systemd.
+    pub notifier: crate::systemd::Notifier,
 }
 
 /// Serves reload requests until `shutdown`.
@@ -61,6 +63,7 @@ pub async fn run(
         tls,
         membership,
         failures,
+        notifier,
     } = targets;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -69,6 +72,7 @@ pub async fn run(
             r = requests.recv() => match r { Some(r) => Some(r), None => return },
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => None,
         };
+        notifier.reloading();
         let outcome = reload(path.as_ref(), &config, &routing, tls.as_deref());
         // The gossip keyring is re-read with every reload that got past the config file, so keys rotate
         // install → use → remove by editing the file and sending SIGHUP.
@@ -110,6 +114,10 @@ pub async fn run(
                 })
             }
         };
+        notifier.reloaded(&match &result {
+            Ok(summary) => format!("serving; configuration reloaded: {summary}"),
+            Err(problems) => format!("serving; the last reload was refused: {problems}"),
+        });
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }

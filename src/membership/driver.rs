@@ -59,6 +59,8 @@ pub enum Command {
     },
     /// The outcome of a sync this agent started.
     SyncDone(&'static str),
+    /// The systemd watchdog's probe: answered as soon as the driver gets to it.
+    Ping(oneshot::Sender<()>),
 }
 
 pub(super) struct Driver {
@@ -200,6 +202,9 @@ impl Driver {
                 self.core.leave(now, wall_ms());
                 self.flush().await;
                 let _ = done.send(());
+            }
+            Command::Ping(reply) => {
+                let _ = reply.send(());
             }
             Command::Keyring(k) => {
                 tracing::info!(keys = ?k.ids(), "gossip keyring reloaded");

@@ -296,6 +296,16 @@ impl Membership {
         .await;
     }
 
+    /// Whether the gossip task answers a command within `timeout` (the systemd watchdog's probe).
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        tokio::time::timeout(timeout, async {
+            self.commands.send(Command::Ping(tx)).await.is_ok() && rx.await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Re-reads the keyring file (SIGHUP, `POST /v1/reload`); the running keys stay if it is refused.
     pub async fn reload_keyring(&self) -> Result<(), Vec<String>> {
         match read_keyring(&self.keyring_path) {

@@ -91,6 +91,11 @@ impl RoutingHandle {
     pub fn update(&self, update: Update) -> bool {
         self.tx.send(update).is_ok()
     }
+
+    /// False once the router has stopped (the systemd watchdog's probe).
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
 }
 
 /// The table's owner.
