@@ -42,6 +42,8 @@ pub struct AdminState {
     pub tls: Option<Arc<crate::tls::peers::PeerTls>>,
     /// Gossip membership (`[gossip]`).
     pub membership: Option<crate::membership::Membership>,
+    /// Windowed figures (`/v1/stats`) and the live request stream (`/v1/tap`).
+    pub observers: crate::telemetry::requests::Observers,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -52,6 +54,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/services", get(services))
         .route("/v1/members", get(members))
         .route("/v1/config", get(config))
+        .route("/v1/stats", get(stats))
+        .route("/v1/tap", get(tap))
         .route("/v1/reload", axum::routing::post(reload))
         .with_state(state)
 }
@@ -154,6 +158,119 @@ async fn services(State(s): State<AdminState>) -> Json<Value> {
         "discovery": { "docker": docker },
         "services": services,
     }))
+}
+
+/// Default and largest `/v1/stats` window.
+const STATS_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(serde::Deserialize)]
+struct StatsQuery {
+    /// `10s`, `1m`: 1 s to 60 s.
+    window: Option<String>,
+}
+
+/// `GET /v1/stats[?window=30s]`: per service and direction, requests per second, success rate, latency
+/// percentiles over the window, and the breakers open now.
+async fn stats(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<StatsQuery>,
+) -> axum::response::Response {
+    let window = match q.window.as_deref().map(crate::util::duration::parse) {
+        None => STATS_WINDOW,
+        Some(Ok(w))
+            if w >= std::time::Duration::from_secs(1)
+                && w.as_secs() <= crate::telemetry::requests::WINDOW_SLOTS as u64 =>
+        {
+            w
+        }
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "window: a duration from 1s to 60s, e.g. window=10s\n",
+            )
+                .into_response();
+        }
+    };
+    let table = s.table.borrow().clone();
+    let now = std::time::Instant::now();
+    let services: Vec<Value> = s
+        .observers
+        .stats
+        .figures(window)
+        .into_iter()
+        .map(|f| {
+            let mut v = serde_json::to_value(&f).unwrap_or(Value::Null);
+            // Breakers are the endpoints' state now, for the services this agent routes to.
+            if let Some(svc) = table.services.get(f.service.as_str()) {
+                let open = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.state.breaker_state(now) != crate::policy::breaker::State::Closed)
+                    .count();
+                v["breakers_open"] = json!(open);
+                v["endpoints"] = json!(svc.endpoints.len());
+            }
+            v
+        })
+        .collect();
+    Json(json!({
+        "node": s.config.borrow().node.name,
+        "window_seconds": window.as_secs(),
+        "services": services,
+    }))
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TapQuery {
+    service: Option<String>,
+    /// `outbound` or `inbound`; both when absent.
+    direction: Option<String>,
+}
+
+/// `GET /v1/tap?service=NAME`: a live stream of request summaries as JSON lines, from the moment it is opened.
+/// A client that reads too slowly gets `{"skipped": N}` lines instead of the summaries it missed.
+async fn tap(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<TapQuery>,
+) -> axum::response::Response {
+    use futures_util::StreamExt;
+    use tokio::sync::broadcast::error::RecvError;
+    if let Some(d) = q.direction.as_deref()
+        && d != "outbound"
+        && d != "inbound"
+    {
+        return (StatusCode::BAD_REQUEST, "direction: outbound or inbound\n").into_response();
+    }
+    let rx = s.observers.subscribe();
+    let lines = futures_util::stream::unfold(rx, move |mut rx| {
+        let (service, direction) = (q.service.clone(), q.direction.clone());
+        async move {
+            loop {
+                let line = match rx.recv().await {
+                    Ok(summary) => {
+                        if service
+                            .as_deref()
+                            .is_some_and(|want| want != summary.service)
+                            || direction.as_deref().is_some_and(|d| d != summary.direction)
+                        {
+                            continue;
+                        }
+                        serde_json::to_string(&*summary).unwrap_or_default()
+                    }
+                    Err(RecvError::Lagged(n)) => json!({ "skipped": n }).to_string(),
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(format!("{line}\n")), rx));
+            }
+        }
+    })
+    .boxed();
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 async fn config(State(s): State<AdminState>) -> Json<Value> {

@@ -27,6 +27,7 @@ use crate::readiness::Readiness;
 use crate::reload;
 use crate::routing::{Router, RoutingHandle, Source, Table};
 use crate::systemd::READY_NOTIFY_LIMIT;
+use crate::telemetry::requests::Observers;
 use crate::telemetry::{Direction, Metrics};
 
 /// After leaving the gossip cluster, listeners stay open this long (at most half the drain timeout) while
@@ -271,6 +272,8 @@ impl Bound {
         let outbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Outbound.as_str());
         let inbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Inbound.as_str());
         let mut proxies = JoinSet::new();
+        let observers = Observers::new(&config.log, metrics.access_log_dropped.clone())
+            .context("log.access")?;
         let outbound = OutboundHandler(Arc::new(Outbound {
             config: config_rx.clone(),
             table: table.clone(),
@@ -278,6 +281,7 @@ impl Bound {
             metrics: metrics.proxy.clone(),
             policy_metrics: metrics.policy.clone(),
             tunnels: outbound_tunnels.clone(),
+            observers: observers.clone(),
         }));
         let outbound_opts = Options {
             direction: Direction::Outbound,
@@ -326,6 +330,7 @@ impl Bound {
                 metrics: metrics.proxy.clone(),
                 tunnels: inbound_tunnels.clone(),
                 sync: membership.as_ref().map(|m| m.sync.clone()),
+                observers: observers.clone(),
             })),
             metrics.proxy.clone(),
             stop_proxies.clone(),
@@ -339,6 +344,7 @@ impl Bound {
             docker: docker_status,
             tls: tls.clone(),
             membership: membership.clone(),
+            observers,
         });
         let admin_task = tokio::spawn(server::serve_with(
             admin_listener,

@@ -52,6 +52,8 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 128;
 pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default log level (an `EnvFilter` directive); `RUST_LOG` overrides it.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// `[log] access_sample`: every request is logged once the access log is on.
+pub const DEFAULT_ACCESS_SAMPLE: f64 = 1.0;
 
 /// Default gossip listener (UDP; 7946 is avoided because Docker Swarm uses it).
 pub const DEFAULT_GOSSIP_LISTEN: &str = "0.0.0.0:4145";
@@ -175,6 +177,18 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    /// `[log] access`: where the access log's JSON lines go (`"stdout"`, or a file appended to); `None`: off.
+    pub access: Option<AccessTarget>,
+    /// `[log] access_sample`: the share of requests logged, 0 < x ≤ 1.
+    pub access_sample: f64,
+}
+
+/// Where access log lines are written.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum AccessTarget {
+    Stdout,
+    File(std::path::PathBuf),
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -359,6 +373,8 @@ pub struct RawAdmin {
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+    pub access: Option<String>,
+    pub access_sample: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -789,6 +805,31 @@ impl RawConfig {
                 LogFormat::Text
             }
         };
+        let access = match self.log.access.as_deref() {
+            None | Some("off") => None,
+            Some("stdout" | "-") => Some(AccessTarget::Stdout),
+            Some(p) if p.starts_with('/') => Some(AccessTarget::File(p.into())),
+            Some(other) => {
+                pr.push(
+                    p!("log", "access"),
+                    format!("{other:?}: use \"stdout\", \"off\" or an absolute file path"),
+                );
+                None
+            }
+        };
+        let access_sample = match self.log.access_sample {
+            None => DEFAULT_ACCESS_SAMPLE,
+            Some(x) if x > 0.0 && x <= 1.0 => x,
+            Some(x) => {
+                pr.push(
+                    p!("log", "access_sample"),
+                    format!(
+                        "{x}: a share of requests above 0 and at most 1 (1.0 logs every request)"
+                    ),
+                );
+                DEFAULT_ACCESS_SAMPLE
+            }
+        };
 
         // [[discovery.static]]
         let mut static_ = Vec::new();
@@ -982,7 +1023,12 @@ impl RawConfig {
                 listen: admin_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_ADMIN_LISTEN)),
                 limits: admin_limits,
             },
-            log: LogConfig { level, format },
+            log: LogConfig {
+                level,
+                format,
+                access,
+                access_sample,
+            },
             discovery: DiscoveryConfig { static_, docker },
             tls,
             gossip,

@@ -72,6 +72,38 @@ enum Command {
         #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
         admin: SocketAddr,
     },
+    /// Per-service requests per second, success rate, latency percentiles and open breakers, refreshed live.
+    Stat {
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: SocketAddr,
+        /// The window the figures cover (1s to 60s).
+        #[arg(long, default_value = "30s")]
+        window: String,
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print /v1/stats as JSON once and exit (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// How often the live table is redrawn.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        every: std::time::Duration,
+    },
+    /// Stream a service's requests as they happen (method, path without query, status, latency, endpoint).
+    Tap {
+        service: String,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: SocketAddr,
+        /// outbound or inbound (both by default).
+        #[arg(long)]
+        direction: Option<String>,
+        /// Print the JSON lines as the agent sends them.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Gossip keys.
     Gossip {
         #[command(subcommand)]
@@ -191,6 +223,20 @@ fn main() -> ExitCode {
         },
         Command::Health { admin } => health(admin),
         Command::Status { admin } => meshd::cli::status::run(admin),
+        Command::Stat {
+            admin,
+            window,
+            once,
+            json,
+            every,
+        } => meshd::cli::stat::run(admin, &window, once, json, every),
+        Command::Tap {
+            service,
+            admin,
+            direction,
+            json,
+            count,
+        } => meshd::cli::tap::run(admin, &service, direction.as_deref(), json, count),
         Command::Gossip {
             command: GossipCommand::Keygen,
         } => {
@@ -444,6 +490,10 @@ fn sysctl(command: SysctlCommand) -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    meshd::util::duration::parse(s)
 }
 
 fn health(admin: SocketAddr) -> ExitCode {

@@ -1,6 +1,8 @@
 //! Subcommands that talk to a running agent's admin API.
 
+pub mod stat;
 pub mod status;
+pub mod tap;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

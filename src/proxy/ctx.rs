@@ -36,6 +36,13 @@ pub struct RequestCtx {
     pub deadline: Option<Instant>,
     /// Attempts sent so far.
     pub attempt: u32,
+    pub method: http::Method,
+    /// The request target's path and query as the client sent it (the tap and the access log drop the query).
+    pub target: Option<http::uri::PathAndQuery>,
+    /// The request's declared `Content-Length`.
+    pub request_bytes: Option<u64>,
+    /// The endpoint of the last attempt, once one was sent.
+    pub endpoint: Option<SocketAddr>,
 }
 
 impl RequestCtx {
@@ -52,6 +59,27 @@ impl RequestCtx {
             service: None,
             deadline: None,
             attempt: 0,
+            method: req.method().clone(),
+            target: req.uri().path_and_query().cloned(),
+            request_bytes: req
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            endpoint: None,
         }
+    }
+
+    /// The path without its query string (`/` when the request had none).
+    pub fn path(&self) -> &str {
+        self.target.as_ref().map_or("/", |t| t.path())
+    }
+
+    /// The trace id of the incoming `traceparent` (32 hex digits), if it has a well-formed one.
+    pub fn trace_id(&self) -> Option<String> {
+        let v = self.trace.as_ref()?.to_str().ok()?;
+        let id = v.get(3..35)?;
+        (v.get(2..3) == Some("-") && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| id.to_string())
     }
 }

@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::routing::{Endpoint, Table};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::requests::Finished;
 
 /// Shared state of the inbound proxy.
 pub struct Inbound {
@@ -46,6 +47,8 @@ pub struct Inbound {
     pub tunnels: Tunnels,
     /// Gossip state sync from peers (`[gossip]`).
     pub sync: Option<crate::membership::sync::SyncServer>,
+    /// `/v1/stats`, `/v1/tap` and the access log.
+    pub observers: crate::telemetry::requests::Observers,
 }
 
 /// The inbound request handler; one clone per connection.
@@ -85,23 +88,35 @@ impl Handler for InboundHandler {
                 return this.sync(&ctx, req).await;
             }
             // Boxed, as on the outbound side: a large future, moved by hyper and the server.
-            let (service, resp) = match Box::pin(this.proxy(&ctx, req)).await {
-                Ok((service, resp)) => (Some(service), resp),
+            let (service, resp, mesh_error) = match Box::pin(this.proxy(&mut ctx, req)).await {
+                Ok((service, resp)) => (Some(service), resp, None),
                 Err(r) => {
                     this.metrics
                         .errors
                         .with_label_values(&[Direction::Inbound.as_str(), r.error.code()])
                         .inc();
                     tracing::debug!(peer = %ctx.peer, peer_node = ctx.peer_identity.as_deref().unwrap_or("-"), error = r.error.code(), detail = %r.detail, "inbound request refused");
-                    (r.service, error_response(r.error, ctx.grpc, &r.detail))
+                    (
+                        r.service,
+                        error_response(r.error, ctx.grpc, &r.detail),
+                        Some(r.error.code()),
+                    )
                 }
             };
-            this.metrics.record(
-                Direction::Inbound,
-                service.as_deref().unwrap_or(""),
-                resp.status(),
-                ctx.received.elapsed(),
-            );
+            let elapsed = ctx.received.elapsed();
+            let service = service.as_deref().unwrap_or("");
+            this.metrics
+                .record(Direction::Inbound, service, resp.status(), elapsed);
+            this.observers.record(Finished {
+                direction: Direction::Inbound,
+                service,
+                status: resp.status(),
+                grpc_status: crate::proxy::grpc_status_of(resp.headers()),
+                duration: elapsed,
+                mesh_error,
+                ctx: &ctx,
+                response_bytes: crate::proxy::content_length(resp.headers()),
+            });
             resp
         }
     }
@@ -161,7 +176,7 @@ impl Inbound {
 
     async fn proxy(
         &self,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
         mut req: Request<Incoming>,
     ) -> Result<(String, Response<ProxyBody>), Refused> {
         let config = self.config.borrow().clone();
@@ -184,6 +199,7 @@ impl Inbound {
                 "{addr} is not an endpoint of service {service:?} on this node"
             )));
         };
+        ctx.endpoint = Some(addr);
         check_orig_proto(req.headers(), local, ctx.peer);
         // The sender's budget bounds this hop too.
         let mut timeout = config.timeout_for(&service);

@@ -37,3 +37,19 @@ pub fn proto_name(v: Version) -> &'static str {
         "HTTP/1.1"
     }
 }
+
+/// The `grpc-status` of a trailers-only gRPC response head (meshd's own errors, or an app's that answered at
+/// once); a status sent in trailers after a body is not seen here.
+pub fn grpc_status_of(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A message's declared `Content-Length`.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}

@@ -5,7 +5,7 @@ use prometheus::{
 };
 
 /// Which side of the agent a request or connection belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     /// From local apps, on the outbound listener.
     Outbound,
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub tunnels: TunnelMetrics,
     /// `meshd_config_reload_failures_total`
     pub config_reload_failures: prometheus::IntCounter,
+    /// `meshd_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: prometheus::IntCounter,
     pub tls: TlsMetrics,
     pub gossip: GossipMetrics,
 }
@@ -195,6 +197,12 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         register(&inner, config_reload_failures.clone());
+        let access_log_dropped = prometheus::IntCounter::new(
+            "meshd_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind (the data path never waits for it)",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        register(&inner, access_log_dropped.clone());
         let tls = TlsMetrics::new(&inner);
         let gossip = GossipMetrics::new(&inner);
         Metrics {
@@ -205,6 +213,7 @@ impl Metrics {
             upstream,
             tunnels,
             config_reload_failures,
+            access_log_dropped,
             tls,
             gossip,
         }

@@ -5,5 +5,6 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod requests;
 
 pub use metrics::{Direction, Metrics};

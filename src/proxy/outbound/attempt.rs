@@ -142,6 +142,7 @@ pub async fn run(
         let (idx, permit) = pick_endpoint(policy, &t.service, now, &mut rng, tried);
         tried.add(idx);
         let endpoint = &t.service.endpoints[idx];
+        ctx.endpoint = Some(endpoint.addr);
         let try_deadline = policy
             .per_try_timeout
             .map_or(t.deadline, |p| (now + p).min(t.deadline));

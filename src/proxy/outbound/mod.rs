@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::routing::{Service, Table};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::{PolicyMetrics, ProxyMetrics};
+use crate::telemetry::requests::{Finished, Observers};
 
 /// Shared state of the outbound proxy.
 pub struct Outbound {
@@ -43,6 +44,8 @@ pub struct Outbound {
     pub policy_metrics: PolicyMetrics,
     /// Upgraded connections (WebSocket), drained on shutdown.
     pub tunnels: Tunnels,
+    /// `/v1/stats`, `/v1/tap` and the access log.
+    pub observers: Observers,
 }
 
 /// The outbound request handler; one clone per connection.
@@ -132,8 +135,8 @@ impl Outbound {
     /// meshd's response: the upstream's, or meshd's own error; counted either way.
     fn respond(&self, ctx: &RequestCtx, result: Result<Served, Refusal>) -> Response<ProxyBody> {
         // meshd's own gRPC errors travel as HTTP 200: count them by the status they stand for.
-        let (mut resp, counted, served) = match result {
-            Ok(Served { service, resp }) => (resp, None, Some(service)),
+        let (mut resp, counted, served, mesh_error) = match result {
+            Ok(Served { service, resp }) => (resp, None, Some(service), None),
             Err(r) => {
                 self.metrics
                     .errors
@@ -154,13 +157,24 @@ impl Outbound {
                 }
                 let status = r.error.status();
                 let name = r.service.or_else(|| ctx.service.clone());
+                let elapsed = ctx.received.elapsed();
                 self.metrics.record(
                     Direction::Outbound,
                     name.as_deref().unwrap_or(""),
                     status,
-                    ctx.received.elapsed(),
+                    elapsed,
                 );
-                (resp, Some(status), None)
+                self.observers.record(Finished {
+                    direction: Direction::Outbound,
+                    service: name.as_deref().unwrap_or(""),
+                    status,
+                    grpc_status: None,
+                    duration: elapsed,
+                    mesh_error: Some(r.error.code()),
+                    ctx,
+                    response_bytes: None,
+                });
+                (resp, Some(status), None, Some(r.error.code()))
             }
         };
         // Whatever the upstream spoke, hand hyper an HTTP/1.1 response for an HTTP/1.x client (hyper then
@@ -178,11 +192,22 @@ impl Outbound {
         }
         if let Some(service) = served {
             let status = counted.unwrap_or(resp.status());
+            let elapsed = ctx.received.elapsed();
             service
                 .state
                 .outbound_metrics
                 .get_or_init(|| self.metrics.for_service(Direction::Outbound, &service.name))
-                .record(status, ctx.received.elapsed());
+                .record(status, elapsed);
+            self.observers.record(Finished {
+                direction: Direction::Outbound,
+                service: &service.name,
+                status,
+                grpc_status: crate::proxy::grpc_status_of(resp.headers()),
+                duration: elapsed,
+                mesh_error,
+                ctx,
+                response_bytes: crate::proxy::content_length(resp.headers()),
+            });
         }
         resp
     }

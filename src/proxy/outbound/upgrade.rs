@@ -84,6 +84,7 @@ pub async fn proxy(
         Default::default(),
     );
     let endpoint = &t.service.endpoints[idx];
+    ctx.endpoint = Some(endpoint.addr);
     ctx.attempt = 1;
     let report = Report::new(
         t.service.clone(),
