@@ -5,5 +5,6 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod trace;
 
 pub use metrics::{Direction, Metrics};
