@@ -8,7 +8,7 @@
 //! - [`routing`]: the merged service → endpoints table; its sole writer publishes `watch` snapshots.
 //! - [`proxy`]: outbound (from local apps) and inbound (from peer agents) HTTP/1.1, h2 and gRPC proxying.
 //! - [`admin`]: the admin API — health, readiness, metrics, services and config views.
-//! - [`telemetry`]: the metrics registry and logging.
+//! - [`telemetry`]: the metrics registry, logging, and distributed tracing (trace context, span exporters).
 //! - [`reload`]: SIGHUP and `POST /v1/reload`: re-read, validate, publish or refuse.
 //! - [`shutdown`]: signals and the two-phase stop.
 //! - [`tls`]: the mesh PKI and node identities for mutual TLS between agents.

@@ -6,5 +6,6 @@
 pub mod logging;
 pub mod metrics;
 pub mod requests;
+pub mod trace;
 
 pub use metrics::{Direction, Metrics};
