@@ -22,12 +22,14 @@ use crate::proxy::inbound::{Inbound, InboundHandler};
 use crate::proxy::outbound::{Outbound, OutboundHandler};
 use crate::proxy::pool::{SWEEP_INTERVAL, Upstreams};
 use crate::proxy::server::{self, Options, Versions};
+use crate::proxy::spans::Tracer;
 use crate::proxy::tunnel::Tunnels;
 use crate::readiness::Readiness;
 use crate::reload;
 use crate::routing::{Router, RoutingHandle, Source, Table};
 use crate::systemd::READY_NOTIFY_LIMIT;
 use crate::telemetry::requests::Observers;
+use crate::telemetry::trace::{ExportConfig, Exporter};
 use crate::telemetry::{Direction, Metrics};
 
 /// After leaving the gossip cluster, listeners stay open this long (at most half the drain timeout) while
@@ -272,7 +274,22 @@ impl Bound {
         let outbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Outbound.as_str());
         let inbound_tunnels = Tunnels::new(metrics.tunnels.clone(), Direction::Inbound.as_str());
         let mut proxies = JoinSet::new();
-        let observers = Observers::new(&config.log, metrics.access_log_dropped.clone())
+        // Tracing, with a collector to send spans to: one exporter task per collector, stopped after the drain.
+        let stop_exporter = CancellationToken::new();
+        let (tracer, exporter_task) = if config.tracing.enabled() {
+            let mut export = ExportConfig::new(Arc::from(config.node.name.as_str()));
+            export.zipkin = config.tracing.zipkin.clone();
+            export.otlp = config.tracing.otlp.clone();
+            let (sink, task) =
+                Exporter::spawn(export, metrics.trace.clone(), stop_exporter.clone())?;
+            (
+                Tracer::new(sink, &config.tracing, &config.node.name),
+                Some(task),
+            )
+        } else {
+            (Tracer::disabled(), None)
+        };
+        let observers = Observers::new(&config.log, metrics.access_log_dropped.clone(), tracer)
             .context("log.access")?;
         let outbound = OutboundHandler(Arc::new(Outbound {
             config: config_rx.clone(),
@@ -437,6 +454,11 @@ impl Bound {
         }
         table_watch.abort();
         let _ = sweeper.await;
+        // The spans of the drain go out last (bounded by the exporter's own shutdown limit).
+        stop_exporter.cancel();
+        if let Some(t) = exporter_task {
+            let _ = t.await;
+        }
         tracing::info!("meshd stopped");
         Ok(())
     }

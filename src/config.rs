@@ -52,6 +52,8 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 128;
 pub const DEFAULT_UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default log level (an `EnvFilter` directive); `RUST_LOG` overrides it.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// `[tracing] sample_rate`: one new trace in a hundred.
+pub const DEFAULT_SAMPLE_RATE: f64 = 0.01;
 /// `[log] access_sample`: every request is logged once the access log is on.
 pub const DEFAULT_ACCESS_SAMPLE: f64 = 1.0;
 
@@ -82,6 +84,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// `[gossip]`: membership with other hosts (absent: a one-host mesh).
     pub gossip: Option<GossipConfig>,
+    /// `[tracing]`: distributed tracing (off without a collector).
+    pub tracing: TracingConfig,
     /// The policy of every service without its own `[services.<name>]` block.
     pub defaults: ServicePolicy,
     /// Services with their own block, each fully resolved against `[defaults]`.
@@ -171,6 +175,26 @@ pub struct AdminConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `[tracing]`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TracingConfig {
+    /// The share of new traces sampled (a sender's decision is always honoured; `mesh-sample: 1` forces).
+    pub sample_rate: f64,
+    /// Zipkin v2 collector (`http://host:port/api/v2/spans`).
+    pub zipkin: Option<String>,
+    /// OTLP/HTTP collector (`http://host:port/v1/traces`).
+    pub otlp: Option<String>,
+    /// Request headers whose values spans record (lower-cased names); none by default.
+    pub record_headers: Vec<String>,
+}
+
+impl TracingConfig {
+    /// Tracing runs only with a collector to send spans to.
+    pub fn enabled(&self) -> bool {
+        self.zipkin.is_some() || self.otlp.is_some()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -303,6 +327,7 @@ pub struct RawConfig {
     pub discovery: RawDiscovery,
     pub tls: Option<RawTls>,
     pub gossip: Option<RawGossip>,
+    pub tracing: RawTracing,
     pub defaults: RawPolicy,
     pub services: BTreeMap<String, RawPolicy>,
     /// Keys the schema does not know, as found by `parse`.
@@ -366,6 +391,15 @@ pub struct RawAdmin {
     pub header_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTracing {
+    pub sample_rate: Option<f64>,
+    pub zipkin: Option<String>,
+    pub otlp: Option<String>,
+    pub record_headers: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -831,6 +865,52 @@ impl RawConfig {
             }
         };
 
+        // [tracing]
+        let sample_rate = match self.tracing.sample_rate {
+            None => DEFAULT_SAMPLE_RATE,
+            Some(x) if (0.0..=1.0).contains(&x) => x,
+            Some(x) => {
+                pr.push(
+                    p!("tracing", "sample_rate"),
+                    format!("{x}: a share of new traces from 0 to 1"),
+                );
+                DEFAULT_SAMPLE_RATE
+            }
+        };
+        let mut collector = |key: &'static str, url: &Option<String>| -> Option<String> {
+            let url = url.as_ref()?;
+            let rest = url.strip_prefix("http://");
+            let host = rest.map(|r| r.split('/').next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty() || !h.contains(':')) {
+                pr.push(
+                    p!("tracing", key),
+                    format!("{url:?}: use http://host:port/path (https is not supported; run a collector or agent on the host)"),
+                );
+                return None;
+            }
+            Some(url.clone())
+        };
+        let zipkin = collector("zipkin", &self.tracing.zipkin);
+        let otlp = collector("otlp", &self.tracing.otlp);
+        let mut record_headers = Vec::new();
+        for (i, h) in self.tracing.record_headers.iter().flatten().enumerate() {
+            let lower = h.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                pr.push(
+                    p!("tracing", "record_headers", i),
+                    format!("{h:?}: not a header name"),
+                );
+            } else {
+                record_headers.push(lower);
+            }
+        }
+        let tracing = TracingConfig {
+            sample_rate,
+            zipkin,
+            otlp,
+            record_headers,
+        };
+
         // [[discovery.static]]
         let mut static_ = Vec::new();
         for (i, s) in self.discovery.static_.iter().enumerate() {
@@ -1032,6 +1112,7 @@ impl RawConfig {
             discovery: DiscoveryConfig { static_, docker },
             tls,
             gossip,
+            tracing,
             defaults,
             services,
         })

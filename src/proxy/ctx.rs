@@ -43,6 +43,8 @@ pub struct RequestCtx {
     pub request_bytes: Option<u64>,
     /// The endpoint of the last attempt, once one was sent.
     pub endpoint: Option<SocketAddr>,
+    /// This request's trace, while tracing is on.
+    pub hop: Option<super::spans::Hop>,
 }
 
 impl RequestCtx {
@@ -67,6 +69,7 @@ impl RequestCtx {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
             endpoint: None,
+            hop: None,
         }
     }
 
@@ -75,8 +78,12 @@ impl RequestCtx {
         self.target.as_ref().map_or("/", |t| t.path())
     }
 
-    /// The trace id of the incoming `traceparent` (32 hex digits), if it has a well-formed one.
+    /// The trace id (32 hex digits): this request's trace while tracing is on, else the incoming
+    /// `traceparent`'s when it is well formed.
     pub fn trace_id(&self) -> Option<String> {
+        if let Some(hop) = &self.hop {
+            return Some(hop.trace_id());
+        }
         let v = self.trace.as_ref()?.to_str().ok()?;
         let id = v.get(3..35)?;
         (v.get(2..3) == Some("-") && id.bytes().all(|b| b.is_ascii_hexdigit()))

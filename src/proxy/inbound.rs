@@ -82,6 +82,7 @@ impl Handler for InboundHandler {
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
             // The node its certificate proved (mutual TLS); `None` over plaintext.
             ctx.peer_identity = conn.peer_node.get().map(|n| Arc::from(n.as_str()));
+            ctx.hop = this.observers.tracer.start(req.headers());
             if req.uri().path() == crate::membership::sync::SYNC_PATH
                 && !req.headers().contains_key(MESH_SERVICE)
             {
@@ -200,6 +201,10 @@ impl Inbound {
             )));
         };
         ctx.endpoint = Some(addr);
+        // The app's spans are children of this agent's server span.
+        if let Some(hop) = &ctx.hop {
+            hop.write(req.headers_mut(), &hop.ids);
+        }
         check_orig_proto(req.headers(), local, ctx.peer);
         // The sender's budget bounds this hop too.
         let mut timeout = config.timeout_for(&service);

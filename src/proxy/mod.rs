@@ -12,6 +12,7 @@ pub mod observe;
 pub mod outbound;
 pub mod pool;
 pub mod server;
+pub mod spans;
 pub mod tunnel;
 
 use bytes::Bytes;

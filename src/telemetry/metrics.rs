@@ -45,6 +45,8 @@ pub struct Metrics {
     pub access_log_dropped: prometheus::IntCounter,
     pub tls: TlsMetrics,
     pub gossip: GossipMetrics,
+    /// `meshd_trace_spans_dropped_total{reason}`, `meshd_trace_spans_exported_total{exporter}`.
+    pub trace: crate::telemetry::trace::TraceMetrics,
 }
 
 /// Gossip membership.
@@ -205,6 +207,8 @@ impl Metrics {
         register(&inner, access_log_dropped.clone());
         let tls = TlsMetrics::new(&inner);
         let gossip = GossipMetrics::new(&inner);
+        let trace = crate::telemetry::trace::TraceMetrics::new(&inner)
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         Metrics {
             inner,
             proxy,
@@ -216,6 +220,7 @@ impl Metrics {
             access_log_dropped,
             tls,
             gossip,
+            trace,
         }
     }
 

@@ -121,19 +121,26 @@ fn now_rfc3339() -> String {
 #[derive(Clone)]
 pub struct Observers {
     pub stats: Arc<Stats>,
+    /// Server spans are recorded here; the attempt loop records client spans with it.
+    pub tracer: crate::proxy::spans::Tracer,
     tap: broadcast::Sender<Arc<Summary>>,
     access: Option<AccessLog>,
 }
 
 impl Observers {
     /// Starts the access log's writer thread when `[log] access` is set.
-    pub fn new(log: &LogConfig, dropped: prometheus::IntCounter) -> std::io::Result<Observers> {
+    pub fn new(
+        log: &LogConfig,
+        dropped: prometheus::IntCounter,
+        tracer: crate::proxy::spans::Tracer,
+    ) -> std::io::Result<Observers> {
         let access = match &log.access {
             None => None,
             Some(target) => Some(AccessLog::start(target, log.access_sample, dropped)?),
         };
         Ok(Observers {
             stats: Arc::new(Stats::default()),
+            tracer,
             tap: broadcast::channel(TAP_BUFFER).0,
             access,
         })
@@ -143,6 +150,7 @@ impl Observers {
     pub fn disabled() -> Observers {
         Observers {
             stats: Arc::new(Stats::default()),
+            tracer: crate::proxy::spans::Tracer::disabled(),
             tap: broadcast::channel(TAP_BUFFER).0,
             access: None,
         }
@@ -151,6 +159,27 @@ impl Observers {
     pub fn record(&self, f: Finished<'_>) {
         self.stats
             .record(f.direction, f.service, f.duration, f.failed());
+        if f.ctx.hop.as_ref().is_some_and(|h| h.sampled) {
+            self.tracer.server(
+                f.ctx.hop.as_ref(),
+                f.direction.as_str(),
+                f.duration,
+                crate::proxy::spans::Outcome {
+                    service: (!f.service.is_empty()).then_some(f.service),
+                    endpoint: f.ctx.endpoint,
+                    peer_node: f.ctx.peer_identity.as_deref(),
+                    method: Some(&f.ctx.method),
+                    status: Some(f.status.as_u16()),
+                    grpc_status: f.grpc_status,
+                    attempt: None,
+                    mesh_error: f.mesh_error,
+                    breaker: None,
+                    fault: None,
+                    request_bytes: f.ctx.request_bytes,
+                    response_bytes: f.response_bytes,
+                },
+            );
+        }
         let tapped = self.tap.receiver_count() > 0;
         let logged = self.access.as_ref().filter(|a| a.sampled());
         if !tapped && logged.is_none() {

@@ -297,6 +297,10 @@ async fn handle(name: String, req: Request<Incoming>) -> Result<Response<TestBod
             ("x-seen-grpc-timeout".into(), get("grpc-timeout")),
             ("x-seen-trailer".into(), get("trailer")),
             ("x-seen-upgrade".into(), get("upgrade")),
+            ("x-seen-traceparent".into(), get("traceparent")),
+            ("x-seen-b3".into(), get("b3")),
+            ("x-seen-x-b3-traceid".into(), get("x-b3-traceid")),
+            ("x-seen-x-b3-spanid".into(), get("x-b3-spanid")),
             (
                 "x-seen-cookie".into(),
                 h.get_all("cookie")

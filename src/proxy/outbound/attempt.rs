@@ -31,6 +31,7 @@ use crate::proxy::headers::{
 use crate::proxy::observe::{Observed, Report};
 use crate::proxy::pool::{BodyWatch, ClientBody, FailKind, ReqBody, SendError, SendOpts, Wire};
 use crate::proxy::proto_name;
+use crate::proxy::spans::Outcome;
 use crate::routing::{Endpoint, Location, Service};
 
 /// Request bodies up to this size are buffered so the request can be retried.
@@ -153,11 +154,21 @@ pub async fn run(
         } else {
             head.clone()
         };
-        let req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
+        let mut req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
+        // A client span per attempt, its context in the attempt's headers (a stale resend is the same attempt).
+        let client = ctx
+            .hop
+            .as_ref()
+            .map(|h| (h.attempt(req.headers_mut()), std::time::SystemTime::now()));
+        let trace = ctx.hop.as_ref();
         let again = || {
             resend_if_stale.then(|| {
                 let body = payload.take();
-                for_endpoint(head.clone(), body, endpoint, &t, try_deadline, hop)
+                let mut req = for_endpoint(head.clone(), body, endpoint, &t, try_deadline, hop);
+                if let (Some(h), Some((ids, _))) = (trace, &client) {
+                    h.write(req.headers_mut(), ids);
+                }
+                req
             })
         };
         let result = send_once(
@@ -172,6 +183,46 @@ pub async fn run(
             again,
         )
         .await;
+
+        if let (Some(h), Some((ids, start))) = (&ctx.hop, &client) {
+            let (status, grpc_status, mesh_error, response_bytes) = match &result {
+                Attempt::Response(r) => (
+                    Some(r.status().as_u16()),
+                    crate::proxy::grpc_status_of(r.headers()),
+                    None,
+                    crate::proxy::content_length(r.headers()),
+                ),
+                Attempt::Failed(e) => (
+                    None,
+                    None,
+                    Some(MeshError::for_failure(e.kind).code()),
+                    None,
+                ),
+            };
+            out.observers.tracer.client(
+                h,
+                ids,
+                *start,
+                start.elapsed().unwrap_or_default(),
+                Outcome {
+                    service: Some(&t.service.name),
+                    endpoint: Some(endpoint.addr),
+                    peer_node: match &endpoint.location {
+                        Location::Remote { node, .. } => Some(node.as_str()),
+                        Location::Local { .. } => None,
+                    },
+                    method: Some(&ctx.method),
+                    status,
+                    grpc_status,
+                    attempt: Some(attempt),
+                    mesh_error,
+                    breaker: Some(endpoint.state.breaker_state(Instant::now()).as_str()),
+                    fault: None,
+                    request_bytes: ctx.request_bytes,
+                    response_bytes,
+                },
+            );
+        }
 
         // Decide on a retry.
         let (retry_wanted, failed) = match &result {

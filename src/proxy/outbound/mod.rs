@@ -97,6 +97,7 @@ impl Handler for OutboundHandler {
         async move {
             let mut req = req;
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
+            ctx.hop = this.observers.tracer.start(req.headers());
             // Boxed: the proxying future is large, and hyper and the server move the handler's future around;
             // one allocation is cheaper than copying it at every move.
             let result = Box::pin(this.proxy(&mut ctx, req, &conn)).await;

@@ -1,0 +1,192 @@
+//! Tracing on the data path: each request's trace context ([`Hop`]), a server span per request this agent
+//! receives, a client span per attempt it sends, and the headers that carry the context on.
+//!
+//! With tracing off (no collector configured) nothing here runs: no header is read or written and no span is
+//! built, so requests pass their trace headers through untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+
+use crate::config::TracingConfig;
+use crate::telemetry::trace::{
+    Format, Span, SpanIds, SpanKind, TraceContext, TraceSink, context, decide, extract, inject,
+};
+
+/// `mesh-sample: 1` forces a request's trace to be sampled.
+pub const MESH_SAMPLE: &str = "mesh-sample";
+
+/// What the agent needs to trace requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Tracer {
+    sink: TraceSink,
+    sample_rate: f64,
+    record_headers: Arc<[http::HeaderName]>,
+    node: Arc<str>,
+}
+
+/// One request's trace: the ids of its server span and how the context travels on.
+#[derive(Debug)]
+pub struct Hop {
+    pub ids: SpanIds,
+    pub sampled: bool,
+    format: Format,
+    tracestate: Option<String>,
+    start: SystemTime,
+    /// Values of `tracing.record_headers`, only when sampled.
+    extra: Vec<(String, String)>,
+}
+
+/// What a finished attempt or request says about itself.
+#[derive(Default)]
+pub struct Outcome<'a> {
+    pub service: Option<&'a str>,
+    pub endpoint: Option<SocketAddr>,
+    pub peer_node: Option<&'a str>,
+    pub method: Option<&'a http::Method>,
+    pub status: Option<u16>,
+    pub grpc_status: Option<i32>,
+    pub attempt: Option<u32>,
+    pub mesh_error: Option<&'static str>,
+    pub breaker: Option<&'static str>,
+    pub fault: Option<&'static str>,
+    pub request_bytes: Option<u64>,
+    pub response_bytes: Option<u64>,
+}
+
+impl Tracer {
+    pub fn new(sink: TraceSink, config: &TracingConfig, node: &str) -> Tracer {
+        Tracer {
+            sink,
+            sample_rate: config.sample_rate,
+            record_headers: config
+                .record_headers
+                .iter()
+                .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            node: Arc::from(node),
+        }
+    }
+
+    pub fn disabled() -> Tracer {
+        Tracer {
+            sink: TraceSink::disabled(),
+            sample_rate: 0.0,
+            record_headers: Arc::from([]),
+            node: Arc::from(""),
+        }
+    }
+
+    /// The trace of a request just received: a child of the context it carries (W3C, then B3), or a new root
+    /// (malformed headers start a new root too). `None` while tracing is off.
+    pub fn start(&self, headers: &HeaderMap) -> Option<Hop> {
+        if !self.sink.is_enabled() {
+            return None;
+        }
+        let incoming: Option<TraceContext> = extract(headers);
+        let force = headers
+            .get(MESH_SAMPLE)
+            .is_some_and(|v| v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let sampled = decide(incoming.as_ref(), force, self.sample_rate);
+        let extra = if sampled {
+            self.record_headers
+                .iter()
+                .filter_map(|name| {
+                    let v = headers.get(name)?.to_str().ok()?;
+                    Some((format!("http.request.header.{name}"), v.to_string()))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(Hop {
+            ids: context::child(incoming.as_ref()),
+            sampled,
+            format: incoming.as_ref().map_or(Format::W3c, |c| c.format),
+            tracestate: incoming.and_then(|c| c.tracestate),
+            start: SystemTime::now(),
+            extra,
+        })
+    }
+
+    /// Records the server span of a finished request (when sampled).
+    pub fn server(&self, hop: Option<&Hop>, name_prefix: &str, duration: Duration, o: Outcome<'_>) {
+        let Some(hop) = hop.filter(|h| h.sampled) else {
+            return;
+        };
+        let mut span = self.span(&hop.ids, SpanKind::Server, name_prefix, o);
+        span.start = hop.start;
+        span.duration = duration;
+        span.extra = hop.extra.clone();
+        self.sink.record(span);
+    }
+
+    /// Records the client span of one attempt (when sampled).
+    pub fn client(
+        &self,
+        hop: &Hop,
+        ids: &SpanIds,
+        start: SystemTime,
+        duration: Duration,
+        o: Outcome<'_>,
+    ) {
+        if !hop.sampled {
+            return;
+        }
+        let mut span = self.span(ids, SpanKind::Client, "", o);
+        span.start = start;
+        span.duration = duration;
+        self.sink.record(span);
+    }
+
+    fn span(&self, ids: &SpanIds, kind: SpanKind, prefix: &str, o: Outcome<'_>) -> Span {
+        let method = o.method.map(|m| m.as_str()).unwrap_or("");
+        let name = match (prefix, o.service) {
+            ("", Some(s)) => format!("{method} {s}"),
+            (p, Some(s)) => format!("{p} {method} {s}"),
+            (p, None) => format!("{p} {method}").trim().to_string(),
+        };
+        let mut span = Span::new(ids, name, kind, self.node.clone());
+        span.service = o.service.map(Arc::from);
+        span.endpoint = o.endpoint;
+        span.peer_node = o.peer_node.map(Arc::from);
+        span.method = o.method.map(|m| m.to_string());
+        span.status = o.status;
+        span.grpc_status = o.grpc_status;
+        span.attempt = o.attempt;
+        span.mesh_error = o.mesh_error;
+        span.breaker = o.breaker;
+        span.fault = o.fault;
+        span.request_bytes = o.request_bytes;
+        span.response_bytes = o.response_bytes;
+        span
+    }
+}
+
+impl Hop {
+    /// A client span for one attempt: its ids, written into the attempt's headers in the format received.
+    pub fn attempt(&self, headers: &mut HeaderMap) -> SpanIds {
+        let ids = self.ids.child();
+        self.write(headers, &ids);
+        ids
+    }
+
+    /// Writes `ids` as the context of an outgoing request.
+    pub fn write(&self, headers: &mut HeaderMap, ids: &SpanIds) {
+        inject(
+            headers,
+            self.format,
+            ids,
+            self.sampled,
+            self.tracestate.as_deref(),
+            &[],
+        );
+    }
+
+    /// The trace id as 32 hex digits (for logs).
+    pub fn trace_id(&self) -> String {
+        crate::telemetry::trace::context::hex(&self.ids.trace_id)
+    }
+}
