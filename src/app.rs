@@ -489,6 +489,13 @@ async fn notify_ready(
         }
     };
     notifier.ready(&status);
+    // A late join clears the degraded status in `systemctl status`.
+    if let Some(m) = membership.filter(|m| !m.joined()) {
+        m.wait_joined().await;
+        if readiness.is_ready() {
+            notifier.status("serving");
+        }
+    }
 }
 
 /// Closes pooled connections that have been idle too long, across every endpoint in the table.

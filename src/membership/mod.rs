@@ -285,6 +285,17 @@ impl Membership {
         !self.has_seeds || *self.joined.borrow()
     }
 
+    /// Resolves once [`Membership::joined`] is true (never, if the gossip task ends first).
+    pub async fn wait_joined(&self) {
+        if !self.has_seeds {
+            return;
+        }
+        let mut joined = self.joined.clone();
+        if joined.wait_for(|j| *j).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Leaves the cluster; returns once the leave is sent (or after `timeout`).
     pub async fn leave(&self, timeout: Duration) {
         let (tx, rx) = oneshot::channel();
