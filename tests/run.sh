@@ -62,4 +62,12 @@ rm -rf "$image_ctx"
 export MESHD_COMPOSE_TAG="$MESHD_TEST_RUN"
 MESHD_TAG="$MESHD_COMPOSE_TAG" bash compose/build.sh
 
+# Host packaging (tests/hosts.rs): Ansible and ansible-lint in a virtualenv cached in ~/.cache/meshd, and
+# debootstrap for the systemd hosts' root filesystem (tests/hosts/rootfs.sh builds and caches it on first use).
+bash tests/hosts/ansible-venv.sh >/dev/null
+if ! command -v debootstrap >/dev/null; then
+  apt-get update -qq >/dev/null || true
+  apt-get install -y -qq debootstrap >/dev/null
+fi
+
 cargo nextest run --all-targets --no-fail-fast "$@"
