@@ -44,6 +44,8 @@ pub struct AdminState {
     pub membership: Option<crate::membership::Membership>,
     /// Windowed figures (`/v1/stats`) and the live request stream (`/v1/tap`).
     pub observers: crate::telemetry::requests::Observers,
+    /// Cancelled when the proxies stop at shutdown: open taps end then, so they do not hold up the drain.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -265,6 +267,7 @@ async fn tap(
             }
         }
     })
+    .take_until(s.draining.clone().cancelled_owned())
     .boxed();
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],

@@ -362,6 +362,7 @@ impl Bound {
             tls: tls.clone(),
             membership: membership.clone(),
             observers,
+            draining: stop_proxies.clone(),
         });
         let admin_task = tokio::spawn(server::serve_with(
             admin_listener,
@@ -471,7 +472,12 @@ async fn notify_ready(
     readiness: Arc<Readiness>,
     membership: Option<crate::membership::Membership>,
 ) {
-    let status = match tokio::time::timeout(READY_NOTIFY_LIMIT, readiness.wait()).await {
+    let waited = tokio::time::timeout(READY_NOTIFY_LIMIT, readiness.wait()).await;
+    // Stopped before it was ready: STOPPING=1 has gone out, READY=1 must not follow it.
+    if readiness.is_draining() {
+        return;
+    }
+    let status = match waited {
         Ok(()) => match &membership {
             Some(m) if !m.joined() => "serving (degraded: gossip has not joined)".to_string(),
             _ => "serving".to_string(),
@@ -492,7 +498,7 @@ async fn notify_ready(
     // A late join clears the degraded status in `systemctl status`.
     if let Some(m) = membership.filter(|m| !m.joined()) {
         m.wait_joined().await;
-        if readiness.is_ready() {
+        if readiness.is_ready() && !readiness.is_draining() {
             notifier.status("serving");
         }
     }

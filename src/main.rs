@@ -480,7 +480,13 @@ fn sysctl(command: SysctlCommand) -> ExitCode {
             }
         };
     }
-    let rows = meshd::sysctl::compare(root, &settings);
+    let rows = match meshd::sysctl::compare(root, &settings) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("meshd sysctl check: {e}");
+            return ExitCode::from(2);
+        }
+    };
     print!("{}", meshd::sysctl::render(&rows));
     if rows.iter().all(meshd::sysctl::Row::matches) {
         ExitCode::SUCCESS

@@ -34,6 +34,10 @@ impl Readiness {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.pending.load(Ordering::SeqCst) == 0 && !self.draining.load(Ordering::SeqCst)
     }

@@ -120,15 +120,22 @@ fn path_of(root: &Path, key: &str) -> PathBuf {
     root.join(key.replace('.', "/"))
 }
 
-/// Reads every key of the profile under `root` (normally /proc/sys).
-pub fn compare(root: &Path, settings: &[Setting]) -> Vec<Row> {
+/// Reads every key of the profile under `root` (normally /proc/sys). A key that does not exist is `None`;
+/// any other read error is an error (a key only root may read must not pass as absent).
+pub fn compare(root: &Path, settings: &[Setting]) -> Result<Vec<Row>, String> {
     settings
         .iter()
-        .map(|s| Row {
-            setting: s.clone(),
-            current: std::fs::read_to_string(path_of(root, &s.key))
-                .ok()
-                .map(|v| fields(&v).join(" ")),
+        .map(|s| {
+            let path = path_of(root, &s.key);
+            let current = match std::fs::read_to_string(&path) {
+                Ok(v) => Some(fields(&v).join(" ")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            };
+            Ok(Row {
+                setting: s.clone(),
+                current,
+            })
         })
         .collect()
 }
@@ -167,7 +174,7 @@ pub fn render(rows: &[Row]) -> String {
 /// Writes what differs. Every file is opened for writing first, so a read-only `/proc/sys` or a user without
 /// the right to write changes nothing; a value the kernel refuses midway rolls back the ones written before it.
 pub fn apply(root: &Path, settings: &[Setting]) -> Result<String, String> {
-    let rows = compare(root, settings);
+    let rows = compare(root, settings).map_err(|e| format!("{e}; nothing was changed"))?;
     let mut todo = Vec::new();
     let mut report = String::new();
     for r in &rows {
@@ -183,6 +190,7 @@ pub fn apply(root: &Path, settings: &[Setting]) -> Result<String, String> {
                 let path = path_of(root, &r.setting.key);
                 let file = std::fs::OpenOptions::new()
                     .write(true)
+                    .truncate(true)
                     .open(&path)
                     .map_err(|e| {
                         let hint = match e.raw_os_error() {
@@ -200,15 +208,26 @@ pub fn apply(root: &Path, settings: &[Setting]) -> Result<String, String> {
     let mut done: Vec<(Setting, String)> = Vec::new();
     for (s, old, mut file) in todo {
         if let Err(e) = file.write_all(s.value.as_bytes()) {
-            // Put back what this run changed before the refusal.
-            for (d, prev) in &done {
-                let _ = std::fs::write(path_of(root, &d.key), prev.as_bytes());
-            }
+            // Put back what this run changed before the refusal (with a newline: an empty value must still
+            // be written, or it is not restored).
+            let failed: Vec<String> = done
+                .iter()
+                .filter(|(d, prev)| {
+                    std::fs::write(path_of(root, &d.key), format!("{prev}\n")).is_err()
+                })
+                .map(|(d, _)| d.key.clone())
+                .collect();
+            let restored = if failed.is_empty() {
+                format!(
+                    "the {} value(s) written before it were restored",
+                    done.len()
+                )
+            } else {
+                format!("these could not be restored: {}", failed.join(", "))
+            };
             return Err(format!(
-                "the kernel refused {} = {}: {e}; the {} value(s) written before it were restored",
-                s.key,
-                s.value,
-                done.len()
+                "the kernel refused {} = {}: {e}; {restored}",
+                s.key, s.value
             ));
         }
         let _ = writeln!(report, "{}: {old} -> {}", s.key, s.value);
@@ -269,7 +288,7 @@ mod tests {
                 ("fs.file-max", "5000"),
             ],
         );
-        let rows = compare(dir.path(), &settings);
+        let rows = compare(dir.path(), &settings).unwrap();
         let states: Vec<bool> = rows.iter().map(Row::matches).collect();
         assert_eq!(states, [true, false, true, true]);
         let table = render(&rows);
@@ -291,7 +310,12 @@ mod tests {
             report.contains("skipped net.netfilter.nf_conntrack_max"),
             "{report}"
         );
-        assert!(compare(dir.path(), &settings).iter().all(Row::matches));
+        assert!(
+            compare(dir.path(), &settings)
+                .unwrap()
+                .iter()
+                .all(Row::matches)
+        );
         let again = apply(dir.path(), &settings).unwrap();
         assert!(again.contains("nothing to change"), "{again}");
     }

@@ -118,7 +118,8 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// Pings the watchdog every `interval` while `alive` says the agent works. A wedged runtime never gets here
-/// to ping; a dead subsystem makes `alive` return why, and the pings stop, so systemd restarts the agent.
+/// to ping; while a subsystem is down (`alive` says why) or the probe hangs, no ping goes out, so a failure
+/// that lasts `WatchdogSec` makes systemd restart the agent, and a passing hiccup does not.
 pub async fn watchdog<F, Fut>(
     notifier: &Notifier,
     interval: Duration,
@@ -130,21 +131,31 @@ pub async fn watchdog<F, Fut>(
 {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // The probe may not take longer than the interval: a probe that hangs is a wedged agent.
-        match tokio::time::timeout(interval, alive()).await {
-            Ok(Ok(())) => notifier.watchdog(),
-            Ok(Err(why)) => {
-                tracing::error!(%why, "watchdog: a subsystem is down; no more pings, systemd will restart meshd");
-                notifier.status(&format!("failing: {why}"));
-                return;
+        // The probe may not take longer than the interval: a probe that hangs counts as a failure.
+        let result = tokio::time::timeout(interval, alive())
+            .await
+            .unwrap_or_else(|_| Err("the health probe took longer than the ping interval".into()));
+        match result {
+            Ok(()) => {
+                if failing {
+                    failing = false;
+                    tracing::info!("watchdog: the agent is healthy again");
+                    notifier.status("serving");
+                }
+                notifier.watchdog();
             }
-            Err(_) => {
-                tracing::warn!("watchdog: the health probe took longer than the ping interval")
+            Err(why) => {
+                if !failing {
+                    failing = true;
+                    tracing::error!(%why, "watchdog: no ping while this lasts; systemd restarts meshd after WatchdogSec");
+                    notifier.status(&format!("failing: {why}"));
+                }
             }
         }
     }

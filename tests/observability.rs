@@ -140,9 +140,17 @@ async fn tap_streams_summaries_of_one_service_without_query_strings() {
     get(&agent, "users", "/b").await;
     ok.faults.set_status(0);
     get(&agent, "users", "/c/d?token=x").await;
-    let out = tokio::task::spawn_blocking(move || tap.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let pid = tap.id();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || tap.wait_with_output().unwrap()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("meshd tap did not end after three requests")
+    })
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}");
     let lines: Vec<&str> = text.lines().collect();
@@ -172,7 +180,8 @@ async fn tap_streams_summaries_of_one_service_without_query_strings() {
     let mut r = BufReader::new(s);
     let mut head = String::new();
     while !head.ends_with("\r\n\r\n") {
-        tokio::task::block_in_place(|| r.read_line(&mut head).unwrap());
+        let n = tokio::task::block_in_place(|| r.read_line(&mut head).unwrap());
+        assert!(n > 0, "the tap stream ended in its head: {head}");
     }
     assert!(head.contains("application/x-ndjson"), "{head}");
     get(&agent, "users", "/e?x=1").await;
@@ -214,7 +223,7 @@ async fn the_access_log_writes_one_json_line_per_request() {
     assert_eq!(get(&agent, "nobody", "/").await.status, 404);
     // The writer thread flushes once its queue is empty.
     let mut lines = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..400 {
         lines = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()

@@ -137,12 +137,27 @@ fn check_reports_drift_apply_fixes_it_and_check_then_passes() {
 
 #[test]
 fn apply_without_the_right_to_write_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    // Dropping to another user needs root (the test runs as root under tests/run.sh and in CI).
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test runs as root, to run meshd as a user who may not write the files"
+    );
+    // Under /tmp, readable and searchable by everyone, writable by root only, whatever the umask.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
     defaults(dir.path());
-    // Readable by everyone, writable by root only; the tree's directories are searchable by everyone.
-    let mut perms = std::fs::metadata(dir.path()).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(dir.path(), perms).unwrap();
+    fn open_up(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                open_up(&e.unwrap().path());
+            }
+        }
+    }
+    open_up(dir.path());
     let before = std::fs::read_to_string(dir.path().join("net/ipv4/tcp_tw_reuse")).unwrap();
     let root = dir.path().to_str().unwrap();
     let o = Command::new("setpriv")

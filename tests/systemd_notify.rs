@@ -120,6 +120,16 @@ fn ready_watchdog_reload_and_stop_reach_systemd() {
         "STOPPING=1\nSTATUS=draining\n"
     );
     let mut agent = agent;
-    let status = agent.0.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "meshd did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(status.success(), "{status}");
 }

@@ -82,7 +82,6 @@ impl Handler for InboundHandler {
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
             // The node its certificate proved (mutual TLS); `None` over plaintext.
             ctx.peer_identity = conn.peer_node.get().map(|n| Arc::from(n.as_str()));
-            ctx.hop = this.observers.tracer.start(req.headers());
             if req.uri().path() == crate::membership::sync::SYNC_PATH
                 && !req.headers().contains_key(MESH_SERVICE)
             {
@@ -193,6 +192,8 @@ impl Inbound {
                 "the inbound port accepts only HTTP/2 from peer agents",
             ));
         }
+        // Traced only once the peer is accepted: a stranger cannot force sampled spans.
+        ctx.hop = self.observers.tracer.start(req.headers());
         let (service, addr) = mesh_target(req.headers()).map_err(forbidden)?;
         let table = self.table.borrow().clone();
         let Some(local) = table.local_endpoint(&service, addr) else {

@@ -166,7 +166,8 @@ impl Observers {
                 f.duration,
                 crate::proxy::spans::Outcome {
                     service: (!f.service.is_empty()).then_some(f.service),
-                    endpoint: f.ctx.endpoint,
+                    // A server span's remote side is its caller; the endpoint is on the client spans.
+                    endpoint: None,
                     peer_node: f.ctx.peer_identity.as_deref(),
                     method: Some(&f.ctx.method),
                     status: Some(f.status.as_u16()),

@@ -156,10 +156,11 @@ pub async fn run(
         };
         let mut req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
         // A client span per attempt, its context in the attempt's headers (a stale resend is the same attempt).
-        let client = ctx
-            .hop
-            .as_ref()
-            .map(|h| (h.attempt(req.headers_mut()), std::time::SystemTime::now()));
+        let client = ctx.hop.as_ref().map(|h| {
+            let ids = h.attempt(req.headers_mut());
+            // The clock is read only for a span that will be recorded.
+            (ids, h.sampled.then(std::time::SystemTime::now))
+        });
         let trace = ctx.hop.as_ref();
         let again = || {
             resend_if_stale.then(|| {
@@ -184,7 +185,7 @@ pub async fn run(
         )
         .await;
 
-        if let (Some(h), Some((ids, start))) = (&ctx.hop, &client) {
+        if let (Some(h), Some((ids, Some(start)))) = (&ctx.hop, &client) {
             let (status, grpc_status, mesh_error, response_bytes) = match &result {
                 Attempt::Response(r) => (
                     Some(r.status().as_u16()),
