@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# What tracing costs: instructions per request (callgrind) with tracing off, with a collector but every trace
+# sampled out (context handling only), and with every request sampled and exported to a Zipkin collector.
+#
+#   bash bench/tracing.sh                  # rewrites the "Tracing cost" section of docs/benchmarks.md
+#   CG_REQUESTS=4000 CG_ROUNDS=5 bash bench/tracing.sh
+#
+# Method as in bench/proxy.sh: meshd under callgrind serving N and 2N keep-alive requests from ab (one client);
+# (Ir(2N) − Ir(N)) / N is the count per request with startup subtracted; CG_ROUNDS rounds, the three setups
+# interleaved, median and range reported. The backend and the collector are nginx (the collector answers 202
+# to every POST and keeps nothing). Everything listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CG_REQUESTS=${CG_REQUESTS:-2000}
+CG_ROUNDS=${CG_ROUNDS:-3}
+BACKEND_PORT=18380 COLLECTOR_PORT=18411 PORT=18340 ADMIN=18391 INBOUND=18344
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v ab >/dev/null || need+=(apache2-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --bin meshd >/dev/null
+MESHD=target/release/meshd
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_buffer_size 1m;
+  server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "ok"; } }
+  server { listen 127.0.0.1:$COLLECTOR_PORT; location / { return 202; } }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" &
+pids+=($!)
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$BACKEND_PORT/" && break; sleep 0.1; done
+
+config() { # name, extra TOML
+  cat >"$work/$1.toml" <<TOML
+[node]
+name = "bench"
+drain_timeout = "1s"
+[outbound]
+listen = ["127.0.0.1:$PORT"]
+[inbound]
+listen = "127.0.0.1:$INBOUND"
+insecure_plaintext = true
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[log]
+level = "warn"
+[discovery.docker]
+enabled = false
+[[discovery.static]]
+service = "bench"
+endpoints = ["127.0.0.1:$BACKEND_PORT"]
+$2
+TOML
+}
+collector="zipkin = \"http://127.0.0.1:$COLLECTOR_PORT/api/v2/spans\""
+config off ""
+config unsampled "[tracing]
+sample_rate = 0.0
+$collector"
+config sampled "[tracing]
+sample_rate = 1.0
+$collector"
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
+
+instructions() { # setup, requests
+  local out="$work/callgrind.$1.$2"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$MESHD" run --config "$work/$1.toml" \
+    >/dev/null 2>"$work/valgrind.$1.err" &
+  local pid=$!
+  for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/ready" && break; sleep 0.1; done
+  ab -q -k -n "$2" -c 1 -H 'Host: bench' "http://127.0.0.1:$PORT/" >/dev/null
+  # The exporter sends a batch every second: let the last one go out before the drain.
+  sleep 2
+  kill -TERM "$pid"
+  wait "$pid" || true
+  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+}
+per_request() {
+  local one two
+  one=$(instructions "$1" "$CG_REQUESTS")
+  two=$(instructions "$1" $((CG_REQUESTS * 2)))
+  echo $(((two - one) / CG_REQUESTS))
+}
+
+declare -A runs
+setups=(off unsampled sampled)
+for _ in $(seq "$CG_ROUNDS"); do
+  for s in "${setups[@]}"; do runs[$s]+="$(per_request "$s") "; done
+done
+off=$(echo "${runs[off]}" | median)
+{
+  echo "<!-- tracing-bench:start (written by bench/tracing.sh) -->"
+  echo "## Tracing cost"
+  echo
+  echo "\`bash bench/tracing.sh\` on $(date -u +%Y-%m-%d), $(nproc) cores: instructions per request under callgrind"
+  echo "(one keep-alive client, ab; (Ir after $((CG_REQUESTS * 2)) requests − Ir after $CG_REQUESTS) / $CG_REQUESTS), median of"
+  echo "$CG_ROUNDS interleaved rounds. The collector is nginx answering 202."
+  echo
+  echo "| setup | instructions per request | range | vs tracing off |"
+  echo "|---|---|---|---|"
+  for s in "${setups[@]}"; do
+    m=$(echo "${runs[$s]}" | median)
+    r=$(echo "${runs[$s]}" | range)
+    case $s in
+      off) label="tracing off (no collector)" ;;
+      unsampled) label="collector set, sample_rate = 0 (context read and written, no span)" ;;
+      sampled) label="sample_rate = 1.0, every request exported to Zipkin" ;;
+    esac
+    printf '| %s | %s | %s | %s |\n' "$label" "$m" "$r" "$(awk -v a="$m" -v b="$off" 'BEGIN { printf "%+.1f %%", (a - b) * 100 / b }')"
+  done
+  echo "<!-- tracing-bench:end -->"
+} >"$work/section.md"
+
+doc=docs/benchmarks.md
+if grep -q 'tracing-bench:start' "$doc"; then
+  awk -v f="$work/section.md" '
+    /tracing-bench:start/ { while ((getline line < f) > 0) print line; skip=1; next }
+    /tracing-bench:end/ { skip=0; next }
+    !skip { print }' "$doc" >"$work/doc.md"
+  cp "$work/doc.md" "$doc"
+else
+  { echo; cat "$work/section.md"; } >>"$doc"
+fi
+cat "$work/section.md"
