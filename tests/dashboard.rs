@@ -152,31 +152,6 @@ fn docker_answer(path: &str) -> Response<TestBody> {
 // Agents.
 // ---------------------------------------------------------------------------------------------------------
 
-fn write_keys(path: &Path, line: &str) {
-    std::fs::write(path, format!("{line}\n")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// Config for `node-<ip>` with mutual TLS and gossip (seeded by `seeds`), plus `extra`.
-fn mesh_config(ip: &str, dir: &Path, seeds: &[SocketAddr], extra: &str) -> String {
-    let node = format!("node-{ip}");
-    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
-    agent_config(
-        ip,
-        &format!(
-            "{extra}\n[tls]\ntrust_domain = \"mesh.test\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [gossip]\nlisten = \"{ip}:0\"\nseeds = [{seeds}]\nkeyring = \"{keys}\"\njoin_timeout = \"10s\"\n",
-            ca = dir.join("ca.crt").display(),
-            cert = dir.join(format!("{node}.crt")).display(),
-            key = dir.join(format!("{node}.key")).display(),
-            keys = dir.join("gossip.keys").display(),
-            seeds = seeds.join(", "),
-        ),
-    )
-    .replace("insecure_plaintext = true", "insecure_plaintext = false")
-}
-
 fn static_service(name: &str, addr: SocketAddr) -> String {
     format!("[[discovery.static]]\nservice = \"{name}\"\nendpoints = [\"{addr}\"]\n")
 }
@@ -419,7 +394,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
     );
     write_keys(
         &dir.path().join("gossip.keys"),
-        &meshd::membership::keyring::generate_line(),
+        &[&meshd::membership::keyring::generate_line()],
     );
 
     let users = backend("users").await;
@@ -448,7 +423,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
         static_service("flaky", flaky.addr),
         static_service("dead", dead),
     );
-    let a_text = mesh_config(ip_a, dir.path(), &[], &a_extra);
+    let a_text = gossip_config(ip_a, dir.path(), &[], &a_extra);
     let a_path = dir.path().join("a.toml");
     std::fs::write(&a_path, &a_text).unwrap();
     let a = start_from_file(&a_path).await;
@@ -456,7 +431,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
 
     // B: joins A and serves `orders`, which A reaches over mutual TLS.
     let b = start(
-        meshd::config::Config::from_toml(&mesh_config(
+        meshd::config::Config::from_toml(&gossip_config(
             ip_b,
             dir.path(),
             &[seed],
@@ -467,7 +442,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
     .await;
 
     // C: another cluster name with the right key; A drops its datagrams as wrong-cluster.
-    let c_text = mesh_config(ip_c, dir.path(), &[seed], "")
+    let c_text = gossip_config(ip_c, dir.path(), &[seed], "")
         .replace("[node]\n", "[node]\ncluster = \"elsewhere\"\n")
         .replace("join_timeout = \"10s\"", "join_timeout = \"1s\"");
     let c =
@@ -475,7 +450,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
 
     // D: a separate meshd process that joins and is then killed: suspected, checked, then down.
     let d_path = dir.path().join("d.toml");
-    std::fs::write(&d_path, mesh_config(ip_d, dir.path(), &[seed], "")).unwrap();
+    std::fs::write(&d_path, gossip_config(ip_d, dir.path(), &[seed], "")).unwrap();
     let mut d = Killed(
         Command::new(MESHD)
             .args(["run", "--config"])

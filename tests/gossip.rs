@@ -20,31 +20,6 @@ fn gossip_pki(dir: &Path, nodes: &[&str]) {
     );
 }
 
-fn write_keys(path: &Path, lines: &[&str]) {
-    std::fs::write(path, format!("{}\n", lines.join("\n"))).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// Config for node `node-<ip>`: mutual TLS from `dir`, gossip on `<ip>:0` with `seeds`, plus `extra`.
-fn gossip_config(ip: &str, dir: &Path, seeds: &[SocketAddr], extra: &str) -> String {
-    let node = format!("node-{ip}");
-    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
-    agent_config(
-        ip,
-        &format!(
-            "{extra}\n[tls]\ntrust_domain = \"mesh.test\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-             [gossip]\nlisten = \"{ip}:0\"\nseeds = [{seeds}]\nkeyring = \"{keys}\"\njoin_timeout = \"10s\"\n",
-            ca = dir.join("ca.crt").display(),
-            cert = dir.join(format!("{node}.crt")).display(),
-            key = dir.join(format!("{node}.key")).display(),
-            keys = dir.join("gossip.keys").display(),
-            seeds = seeds.join(", "),
-        ),
-    )
-    .replace("insecure_plaintext = true", "insecure_plaintext = false")
-}
-
 async fn gossip_agent(ip: &str, dir: &Path, seeds: &[SocketAddr], extra: &str) -> Agent {
     let cfg = gossip_config(ip, dir, seeds, extra);
     start(meshd::config::Config::from_toml(&cfg).unwrap_or_else(|e| panic!("{e}"))).await
