@@ -143,18 +143,13 @@ fn spans() -> (Span, Span) {
         parent_id: Some([0x33; 8]),
     };
     let start = SystemTime::UNIX_EPOCH + Duration::from_micros(1_750_000_000_000_001);
-    let mut server = Span::new(
-        &server_ids,
-        "GET orders",
-        SpanKind::Server,
-        Arc::from("node-a"),
-    );
+    let mut server = Span::new(&server_ids, SpanKind::Server, Arc::from("node-a"));
     server.start = start;
     server.duration = Duration::from_micros(4_200);
     server.service = Some(Arc::from("orders"));
     server.peer_node = Some(Arc::from("node-b"));
     server.endpoint = Some("10.1.2.3:4143".parse().unwrap());
-    server.method = Some("GET".into());
+    server.method = Some(http::Method::GET);
     server.status = Some(200);
     server.request_bytes = Some(0);
     server.response_bytes = Some(77);
@@ -164,17 +159,12 @@ fn spans() -> (Span, Span) {
         span_id: [0x44; 8],
         parent_id: Some(server_ids.span_id),
     };
-    let mut client = Span::new(
-        &client_ids,
-        "GET orders",
-        SpanKind::Client,
-        Arc::from("node-a"),
-    );
+    let mut client = Span::new(&client_ids, SpanKind::Client, Arc::from("node-a"));
     client.start = start + Duration::from_micros(100);
     client.duration = Duration::from_micros(3_000);
     client.service = Some(Arc::from("orders"));
     client.endpoint = Some("172.17.0.5:8080".parse().unwrap());
-    client.method = Some("GET".into());
+    client.method = Some(http::Method::GET);
     client.status = Some(504);
     client.attempt = Some(2);
     client.mesh_error = Some("timeout");

@@ -42,7 +42,9 @@ pub fn proto_name(v: Version) -> &'static str {
 /// The `grpc-status` of a trailers-only gRPC response head (meshd's own errors, or an app's that answered at
 /// once); a status sent in trailers after a body is not seen here.
 pub fn grpc_status_of(headers: &http::HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    // A constant name: looking up a string parses and validates it on every call.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// A message's declared `Content-Length`.

@@ -16,7 +16,7 @@ use crate::telemetry::trace::{
 };
 
 /// `mesh-sample: 1` forces a request's trace to be sampled.
-pub const MESH_SAMPLE: &str = "mesh-sample";
+pub const MESH_SAMPLE: http::HeaderName = http::HeaderName::from_static("mesh-sample");
 
 /// What the agent needs to trace requests. Cheap to clone.
 #[derive(Clone)]
@@ -35,6 +35,9 @@ pub struct Hop {
     format: Format,
     tracestate: Option<String>,
     start: SystemTime,
+    /// The request arrived without any trace header, so its copies need no clean-up before the context is
+    /// written.
+    clean: bool,
     /// Values of `tracing.record_headers`, only when sampled.
     extra: Vec<(String, String)>,
 }
@@ -42,7 +45,7 @@ pub struct Hop {
 /// What a finished attempt or request says about itself.
 #[derive(Default)]
 pub struct Outcome<'a> {
-    pub service: Option<&'a str>,
+    pub service: Option<Arc<str>>,
     pub endpoint: Option<SocketAddr>,
     pub peer_node: Option<&'a str>,
     pub method: Option<&'a http::Method>,
@@ -85,10 +88,17 @@ impl Tracer {
         if !self.sink.is_enabled() {
             return None;
         }
-        let incoming: Option<TraceContext> = extract(headers);
-        let force = headers
-            .get(MESH_SAMPLE)
-            .is_some_and(|v| v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true"));
+        // One pass over the names: a request without any trace header — every new root — skips the lookups.
+        let (mut traced, mut forced) = (false, false);
+        for name in headers.keys() {
+            traced |= context::is_trace_header(name);
+            forced |= name == MESH_SAMPLE;
+        }
+        let incoming: Option<TraceContext> = if traced { extract(headers) } else { None };
+        let force = forced
+            && headers.get(MESH_SAMPLE).is_some_and(|v| {
+                v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
+            });
         let sampled = decide(incoming.as_ref(), force, self.sample_rate);
         let extra = if sampled {
             self.record_headers
@@ -107,20 +117,32 @@ impl Tracer {
             format: incoming.as_ref().map_or(Format::W3c, |c| c.format),
             tracestate: incoming.and_then(|c| c.tracestate),
             start: SystemTime::now(),
+            clean: !traced,
             extra,
         })
     }
 
-    /// Records the server span of a finished request (when sampled).
-    pub fn server(&self, hop: Option<&Hop>, name_prefix: &str, duration: Duration, o: Outcome<'_>) {
+    /// Records the server span of a finished request (when sampled). `direction` starts its name.
+    pub fn server(
+        &self,
+        hop: Option<&Hop>,
+        direction: &'static str,
+        duration: Duration,
+        o: Outcome<'_>,
+    ) {
         let Some(hop) = hop.filter(|h| h.sampled) else {
             return;
         };
-        let mut span = self.span(&hop.ids, SpanKind::Server, name_prefix, o);
-        span.start = hop.start;
-        span.duration = duration;
-        span.extra = hop.extra.clone();
-        self.sink.record(span);
+        let span = self.span(
+            &hop.ids,
+            SpanKind::Server,
+            direction,
+            hop.start,
+            duration,
+            hop.extra.clone(),
+            o,
+        );
+        self.sink.record_shared(span);
     }
 
     /// Records the client span of one attempt (when sampled).
@@ -135,33 +157,46 @@ impl Tracer {
         if !hop.sampled {
             return;
         }
-        let mut span = self.span(ids, SpanKind::Client, "", o);
-        span.start = start;
-        span.duration = duration;
-        self.sink.record(span);
+        let span = self.span(ids, SpanKind::Client, "", start, duration, Vec::new(), o);
+        self.sink.record_shared(span);
     }
 
-    fn span(&self, ids: &SpanIds, kind: SpanKind, prefix: &str, o: Outcome<'_>) -> Span {
-        let method = o.method.map(|m| m.as_str()).unwrap_or("");
-        let name = match (prefix, o.service) {
-            ("", Some(s)) => format!("{method} {s}"),
-            (p, Some(s)) => format!("{p} {method} {s}"),
-            (p, None) => format!("{p} {method}").trim().to_string(),
-        };
-        let mut span = Span::new(ids, name, kind, self.node.clone());
-        span.service = o.service.map(Arc::from);
-        span.endpoint = o.endpoint;
-        span.peer_node = o.peer_node.map(Arc::from);
-        span.method = o.method.map(|m| m.to_string());
-        span.status = o.status;
-        span.grpc_status = o.grpc_status;
-        span.attempt = o.attempt;
-        span.mesh_error = o.mesh_error;
-        span.breaker = o.breaker;
-        span.fault = o.fault;
-        span.request_bytes = o.request_bytes;
-        span.response_bytes = o.response_bytes;
-        span
+    /// The span, built where it will live (one struct written once, not moved into the queue's `Arc`).
+    #[allow(clippy::too_many_arguments)]
+    fn span(
+        &self,
+        ids: &SpanIds,
+        kind: SpanKind,
+        name_prefix: &'static str,
+        start: SystemTime,
+        duration: Duration,
+        extra: Vec<(String, String)>,
+        o: Outcome<'_>,
+    ) -> Arc<Span> {
+        Arc::new(Span {
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            parent_id: ids.parent_id,
+            name_prefix,
+            kind,
+            start,
+            duration,
+            local_node: self.node.clone(),
+            service: o.service,
+            endpoint: o.endpoint,
+            peer_node: o.peer_node.map(Arc::from),
+            method: o.method.cloned(),
+            status: o.status,
+            grpc_status: o.grpc_status,
+            attempt: o.attempt,
+            mesh_error: o.mesh_error,
+            breaker: o.breaker,
+            fault: o.fault,
+            request_bytes: o.request_bytes,
+            response_bytes: o.response_bytes,
+            error: false,
+            extra,
+        })
     }
 }
 
@@ -175,7 +210,12 @@ impl Hop {
 
     /// Writes `ids` as the context of an outgoing request.
     pub fn write(&self, headers: &mut HeaderMap, ids: &SpanIds) {
-        inject(
+        let write = if self.clean {
+            context::inject_clean
+        } else {
+            inject
+        };
+        write(
             headers,
             self.format,
             ids,

@@ -165,7 +165,12 @@ impl Observers {
                 f.direction.as_str(),
                 f.duration,
                 crate::proxy::spans::Outcome {
-                    service: (!f.service.is_empty()).then_some(f.service),
+                    // The request's own name when it is the same (no allocation), else a copy.
+                    service: match &f.ctx.service {
+                        _ if f.service.is_empty() => None,
+                        Some(name) if **name == *f.service => Some(Arc::clone(name)),
+                        _ => Some(Arc::from(f.service)),
+                    },
                     // A server span's remote side is its caller; the endpoint is on the client spans.
                     endpoint: None,
                     peer_node: f.ctx.peer_identity.as_deref(),

@@ -206,7 +206,7 @@ pub async fn run(
                 *start,
                 start.elapsed().unwrap_or_default(),
                 Outcome {
-                    service: Some(&t.service.name),
+                    service: Some(t.service.name.clone()),
                     endpoint: Some(endpoint.addr),
                     peer_node: match &endpoint.location {
                         Location::Remote { node, .. } => Some(node.as_str()),

@@ -1,8 +1,8 @@
 //! The span exporter: one bounded queue and one task per collector (Zipkin v2 JSON and/or OTLP/HTTP protobuf),
 //! batching spans and POSTing them over plain HTTP/1.1.
 //!
-//! The data path only calls [`TraceSink::record`], which never waits: a `try_send` per collector, and a full
-//! queue drops the span (`meshd_trace_spans_dropped_total{reason="queue-full"}`). A collector that is down,
+//! The data path only calls [`TraceSink::record`], which never waits on the exporter or on I/O: a push under a
+//! short lock per collector, and a full queue drops the span (`meshd_trace_spans_dropped_total{reason="queue-full"}`). A collector that is down,
 //! slow or refusing costs dropped spans, counted by reason, and nothing else: each POST has a deadline, and a
 //! failed batch is not retried (a retry would only delay newer spans behind older ones).
 //!
@@ -13,7 +13,7 @@
 //! On shutdown the task stops taking new spans, sends what is queued until a deadline (2 s by default), and
 //! counts the rest as `reason="shutdown"`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use prost::Message;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -139,9 +139,85 @@ impl TraceMetrics {
 /// The data path's handle: cheap to clone, [`record`](TraceSink::record) never blocks.
 #[derive(Clone)]
 pub struct TraceSink {
-    queues: Arc<[mpsc::Sender<Arc<Span>>]>,
+    queues: Arc<[Arc<Queue>]>,
     queue_full: Option<IntCounter>,
     closed: Option<IntCounter>,
+}
+
+/// One collector's bounded queue.
+///
+/// A mutex around a vector rather than a channel: a channel wakes the exporter task for every span (a cross-thread
+/// wake-up per request), while this wakes it only when a full batch is waiting; partial batches wait for the
+/// flush interval, as they did anyway. The lock is held for a push or a swap, never across an await.
+struct Queue {
+    inner: Mutex<QueueInner>,
+    /// A full batch is waiting.
+    ready: Notify,
+    capacity: usize,
+    batch_size: usize,
+}
+
+struct QueueInner {
+    spans: Vec<Arc<Span>>,
+    closed: bool,
+}
+
+enum Pushed {
+    Queued,
+    Full,
+    Closed,
+}
+
+impl Queue {
+    fn new(capacity: usize, batch_size: usize) -> Queue {
+        Queue {
+            inner: Mutex::new(QueueInner {
+                spans: Vec::new(),
+                closed: false,
+            }),
+            ready: Notify::new(),
+            capacity,
+            batch_size,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
+        // A panic while holding the lock cannot leave the vector inconsistent (push and swap only).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, span: Arc<Span>) -> Pushed {
+        let len = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Pushed::Closed;
+            }
+            if inner.spans.len() >= self.capacity {
+                return Pushed::Full;
+            }
+            inner.spans.push(span);
+            inner.spans.len()
+        };
+        if len == self.batch_size {
+            self.ready.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Up to one batch, oldest first.
+    fn take(&self) -> Vec<Arc<Span>> {
+        let mut inner = self.lock();
+        if inner.spans.len() <= self.batch_size {
+            std::mem::take(&mut inner.spans)
+        } else {
+            inner.spans.drain(..self.batch_size).collect()
+        }
+    }
+
+    /// Takes no more spans from now on.
+    fn close(&self) {
+        self.lock().closed = true;
+    }
 }
 
 impl TraceSink {
@@ -164,12 +240,16 @@ impl TraceSink {
         if self.queues.is_empty() {
             return;
         }
-        let span = Arc::new(span);
+        self.record_shared(Arc::new(span));
+    }
+
+    /// [`record`](TraceSink::record) for a span already in an `Arc`.
+    pub fn record_shared(&self, span: Arc<Span>) {
         for queue in self.queues.iter() {
-            let counter = match queue.try_send(Arc::clone(&span)) {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Full(_)) => &self.queue_full,
-                Err(mpsc::error::TrySendError::Closed(_)) => &self.closed,
+            let counter = match queue.push(Arc::clone(&span)) {
+                Pushed::Queued => continue,
+                Pushed::Full => &self.queue_full,
+                Pushed::Closed => &self.closed,
             };
             if let Some(counter) = counter {
                 counter.inc();
@@ -211,14 +291,14 @@ impl Exporter {
         let mut queues = Vec::new();
         let mut tasks = Vec::new();
         for collector in collectors {
-            let (tx, rx) = mpsc::channel(config.queue_capacity);
-            queues.push(tx);
+            let queue = Arc::new(Queue::new(config.queue_capacity, config.batch_size));
+            queues.push(Arc::clone(&queue));
             metrics
                 .exported
                 .with_label_values(&[collector.kind.as_str()]);
             let task = Task {
                 collector,
-                rx,
+                queue,
                 metrics: metrics.clone(),
                 config: config.clone(),
             };
@@ -329,77 +409,71 @@ impl Failure {
 
 struct Task {
     collector: Collector,
-    rx: mpsc::Receiver<Arc<Span>>,
+    queue: Arc<Queue>,
     metrics: TraceMetrics,
     config: ExportConfig,
 }
 
 impl Task {
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(self, shutdown: CancellationToken) {
         let batch_size = self.config.batch_size;
-        let mut batch: Vec<Arc<Span>> = Vec::with_capacity(batch_size);
         let mut ticker = tokio::time::interval(self.config.flush_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         let mut deadline: Option<Instant> = None;
-        while deadline.is_none() {
-            let room = batch_size - batch.len();
-            let full = tokio::select! {
+        'wait: while deadline.is_none() {
+            tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                n = self.rx.recv_many(&mut batch, room) => {
-                    if n == 0 {
-                        // Every sink is gone: same as shutdown.
-                        break;
-                    }
-                    batch.len() >= batch_size
-                }
-                _ = ticker.tick() => !batch.is_empty(),
-            };
-            if !full {
-                continue;
+                _ = self.queue.ready.notified() => {}
+                _ = ticker.tick() => {}
             }
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
-            let body = self.encode(&spans);
-            let send = self.post(body);
-            tokio::pin!(send);
-            let result = tokio::select! {
-                biased;
-                r = &mut send => Some(r),
-                _ = shutdown.cancelled() => {
-                    // Let the batch in flight finish, but only until the shutdown deadline.
-                    let until = Instant::now() + self.config.shutdown_timeout;
-                    deadline = Some(until);
-                    tokio::time::timeout_at(until, &mut send).await.ok()
+            // Send what is queued: full batches, then the partial one.
+            loop {
+                let spans = self.queue.take();
+                if spans.is_empty() {
+                    break;
                 }
-            };
-            self.account(spans.len(), result);
+                let partial = spans.len() < batch_size;
+                let body = self.encode(&spans);
+                let send = self.post(body);
+                tokio::pin!(send);
+                let result = tokio::select! {
+                    biased;
+                    r = &mut send => Some(r),
+                    _ = shutdown.cancelled() => {
+                        // Let the batch in flight finish, but only until the shutdown deadline.
+                        let until = Instant::now() + self.config.shutdown_timeout;
+                        deadline = Some(until);
+                        tokio::time::timeout_at(until, &mut send).await.ok()
+                    }
+                };
+                self.account(spans.len(), result);
+                if deadline.is_some() {
+                    continue 'wait;
+                }
+                if partial {
+                    break;
+                }
+            }
             ticker.reset();
         }
         let until = deadline.unwrap_or_else(|| Instant::now() + self.config.shutdown_timeout);
-        self.final_flush(batch, until).await;
+        self.final_flush(until).await;
     }
 
     /// Stops taking spans, then sends what is queued until `until`; what is left is dropped as `shutdown`.
-    async fn final_flush(&mut self, mut batch: Vec<Arc<Span>>, until: Instant) {
-        self.rx.close();
-        let batch_size = self.config.batch_size;
+    async fn final_flush(&self, until: Instant) {
+        self.queue.close();
         loop {
-            while batch.len() < batch_size {
-                match self.rx.try_recv() {
-                    Ok(span) => batch.push(span),
-                    Err(_) => break,
-                }
-            }
-            if batch.is_empty() {
+            let spans = self.queue.take();
+            if spans.is_empty() {
                 break;
             }
             if Instant::now() >= until {
-                self.drop_spans("shutdown", batch.len());
-                batch.clear();
+                self.drop_spans("shutdown", spans.len());
                 continue;
             }
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
             let body = self.encode(&spans);
             let result = tokio::time::timeout_at(until, self.post(body)).await.ok();
             self.account(spans.len(), result);

@@ -8,8 +8,8 @@
 //! # What a span records — and what it does not
 //! Traces leave the host and are kept by a collector, often for weeks and often in another jurisdiction, so a
 //! span holds only routing facts:
-//! - recorded: trace/span/parent ids, a name (`{method}` or `{method} {service}`, chosen by the caller — never a
-//!   path), kind, start and duration, this agent's node name, the logical service, the endpoint's IP:port, the
+//! - recorded: trace/span/parent ids, a name (`{direction} {method} {service}` on server spans,
+//!   `{method} {service}` on client spans — never a path), kind, start and duration, this agent's node name, the logical service, the endpoint's IP:port, the
 //!   peer agent's node name, the HTTP method, the HTTP status, the gRPC status, the retry attempt, the breaker
 //!   and fault decisions, meshd's own error code (`mesh-error`), and body sizes in bytes;
 //! - never recorded: request or response bodies, paths, query strings, client addresses of local apps, cookies,
@@ -45,8 +45,9 @@ pub struct Span {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_id: Option<[u8; 8]>,
-    /// Low-cardinality: the method and perhaps the service, never a path.
-    pub name: String,
+    /// The first word of the name: the direction (`outbound`, `inbound`) on server spans, empty on client
+    /// spans. The name is `{prefix} {method} {service}` (see [`Span::name`]): low-cardinality, never a path.
+    pub name_prefix: &'static str,
     pub kind: SpanKind,
     pub start: SystemTime,
     pub duration: Duration,
@@ -58,7 +59,7 @@ pub struct Span {
     pub endpoint: Option<SocketAddr>,
     /// The node name of the agent on the other side, when there is one.
     pub peer_node: Option<Arc<str>>,
-    pub method: Option<String>,
+    pub method: Option<http::Method>,
     pub status: Option<u16>,
     pub grpc_status: Option<i32>,
     /// The attempt number of a client span: 1 for the first try.
@@ -80,19 +81,24 @@ pub struct Span {
 
 impl Span {
     /// A span starting now with every optional fact unset.
-    pub fn new(
+    pub fn new(ids: &SpanIds, kind: SpanKind, local_node: Arc<str>) -> Span {
+        Span::starting_at(ids, kind, local_node, SystemTime::now())
+    }
+
+    /// A span starting at `start` with every optional fact unset.
+    pub fn starting_at(
         ids: &SpanIds,
-        name: impl Into<String>,
         kind: SpanKind,
         local_node: Arc<str>,
+        start: SystemTime,
     ) -> Span {
         Span {
             trace_id: ids.trace_id,
             span_id: ids.span_id,
             parent_id: ids.parent_id,
-            name: name.into(),
+            name_prefix: "",
             kind,
-            start: SystemTime::now(),
+            start,
             duration: Duration::ZERO,
             local_node,
             service: None,
@@ -110,6 +116,30 @@ impl Span {
             error: false,
             extra: Vec::new(),
         }
+    }
+
+    /// The parts of the name, in order, empty ones left out: the prefix, the method, the service.
+    pub fn name_parts(&self) -> impl Iterator<Item = &str> {
+        [
+            self.name_prefix,
+            self.method.as_ref().map_or("", |m| m.as_str()),
+            self.service.as_deref().unwrap_or(""),
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+    }
+
+    /// The span's name: `{prefix} {method} {service}` with empty parts left out, e.g. `outbound GET payments`
+    /// for a server span and `GET payments` for a client span.
+    pub fn name(&self) -> String {
+        let mut name = String::new();
+        for part in self.name_parts() {
+            if !name.is_empty() {
+                name.push(' ');
+            }
+            name.push_str(part);
+        }
+        name
     }
 
     /// Whether the span failed, by the OpenTelemetry HTTP and gRPC conventions: the caller's flag, any meshd
@@ -152,13 +182,13 @@ pub(crate) mod tests {
             span_id: [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08],
             parent_id: Some([0xaa; 8]),
         };
-        let mut span = Span::new(&ids, "GET payments", SpanKind::Client, Arc::from("node-a"));
+        let mut span = Span::new(&ids, SpanKind::Client, Arc::from("node-a"));
         span.start = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         span.duration = Duration::from_micros(2_500);
         span.service = Some(Arc::from("payments"));
         span.endpoint = Some("10.0.0.7:8080".parse().unwrap());
         span.peer_node = Some(Arc::from("node-b"));
-        span.method = Some("GET".into());
+        span.method = Some(http::Method::GET);
         span.status = Some(503);
         span.grpc_status = Some(14);
         span.attempt = Some(2);
@@ -174,7 +204,7 @@ pub(crate) mod tests {
     #[test]
     fn error_rules_follow_the_http_semantic_conventions() {
         let ids = SpanIds::root();
-        let mut s = Span::new(&ids, "GET", SpanKind::Server, Arc::from("n"));
+        let mut s = Span::new(&ids, SpanKind::Server, Arc::from("n"));
         assert!(!s.is_error());
         s.status = Some(404);
         assert!(!s.is_error(), "4xx is not a server-side error");
@@ -197,6 +227,20 @@ pub(crate) mod tests {
         s.mesh_error = None;
         s.error = true;
         assert!(s.is_error());
+    }
+
+    #[test]
+    fn names_leave_out_empty_parts() {
+        let mut s = sample_span();
+        assert_eq!(s.name(), "GET payments");
+        s.name_prefix = "outbound";
+        assert_eq!(s.name(), "outbound GET payments");
+        s.service = None;
+        assert_eq!(s.name(), "outbound GET");
+        s.method = None;
+        assert_eq!(s.name(), "outbound");
+        s.name_prefix = "";
+        assert_eq!(s.name(), "");
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn to_otlp(span: &Span) -> pb::Span {
         span_id: span.span_id.to_vec(),
         parent_span_id: span.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
         flags,
-        name: span.name.clone(),
+        name: span.name(),
         kind: match span.kind {
             SpanKind::Server => pb::span::SpanKind::Server as i32,
             SpanKind::Client => pb::span::SpanKind::Client as i32,
@@ -227,7 +227,8 @@ mod tests {
             span_id: [2; 8],
             parent_id: Some([3; 8]),
         };
-        let mut span = Span::new(&ids, "GET", SpanKind::Server, Arc::from("node-a"));
+        let mut span = Span::new(&ids, SpanKind::Server, Arc::from("node-a"));
+        span.method = Some(http::Method::GET);
         span.status = Some(404);
         let req = request("node-a", [&span]);
         let out = &req.resource_spans[0].scope_spans[0].spans[0];
