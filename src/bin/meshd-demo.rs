@@ -566,15 +566,24 @@ impl Tally {
             proxy,
             self.ok()
         );
+        // Chains (`mid@node-c > back-1@node-a`) are longer than replica names.
+        let width = self
+            .replicas
+            .keys()
+            .chain(self.errors.keys())
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(24);
         for (name, times) in &self.replicas {
             out.push_str(&format!(
-                "  {name:<24} {:>4}   p50 {:>6.1} ms\n",
+                "  {name:<width$} {:>4}   p50 {:>6.1} ms\n",
                 times.len(),
                 median_ms(times)
             ));
         }
         for (what, n) in &self.errors {
-            out.push_str(&format!("  {what:<24} {n:>4}\n"));
+            out.push_str(&format!("  {what:<width$} {n:>4}\n"));
         }
         out
     }
