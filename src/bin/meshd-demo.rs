@@ -727,7 +727,7 @@ async fn call_once(
 
 /// Spans the collector keeps; the oldest go first.
 const COLLECTOR_SPANS: usize = 10_000;
-/// The largest `POST /api/v2/spans` body read (an agent's batch of 512 spans is about 400 KiB).
+/// The largest `POST /api/v2/spans` body read (an agent sends at most 512 spans per batch, a few hundred KiB).
 const COLLECTOR_MAX_BODY: usize = 8 << 20;
 /// Traces `GET /traces` prints without `limit`, and the most it prints.
 const DEFAULT_TRACES: usize = 10;
