@@ -475,14 +475,23 @@ async fn front(f: Front) -> std::io::Result<()> {
         f.proxy
     );
     let f = Arc::new(f);
+    serve_until_terminated(listener, move |req| front_request(f.clone(), req)).await;
+    Ok(())
+}
+
+/// Serves HTTP/1.1 and h2c on `listener`, each request answered by `handler`, until SIGTERM or SIGINT.
+async fn serve_until_terminated<H, F>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     let accept = async {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let f = f.clone();
+            let svc = hyper::service::service_fn(handler.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| front_request(f.clone(), req));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -490,8 +499,8 @@ async fn front(f: Front) -> std::io::Result<()> {
         }
     };
     tokio::select! {
-        _ = accept => Ok(()),
-        _ = terminated() => Ok(()),
+        _ = accept => {}
+        _ = terminated() => {}
     }
 }
 
@@ -992,27 +1001,12 @@ async fn collector(listen: SocketAddr) -> std::io::Result<()> {
         listener.local_addr()?
     );
     let store = Arc::new(Mutex::new(Store::default()));
-    let accept = async {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let store = store.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let store = store.clone();
-                    async move { Ok::<_, Infallible>(collector_request(&store, req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    };
-    tokio::select! {
-        _ = accept => Ok(()),
-        _ = terminated() => Ok(()),
-    }
+    serve_until_terminated(listener, move |req| {
+        let store = store.clone();
+        async move { Ok(collector_request(&store, req).await) }
+    })
+    .await;
+    Ok(())
 }
 
 /// The store, also after a panic elsewhere while it was held (it holds plain data, always consistent).
