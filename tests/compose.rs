@@ -1,12 +1,13 @@
 //! The compose demo (compose/), brought up for real on the local Docker engine: three agents, the init
-//! service, the demo app; requests across agents, an agent killed and restarted, and the bad-input cases of
-//! issue 10 (broken labels, a duplicate node name, an agent without its certificates, no Docker socket).
+//! service, the demo app; requests across agents, the chain front -> mid -> back-stable as one trace at the
+//! demo's collector (issue 12), an agent killed and restarted, and the bad-input cases of issue 10 (broken
+//! labels, a duplicate node name, an agent without its certificates, no Docker socket).
 //! Everything it creates is removed at the end, also when a step fails.
 
 #[path = "cluster/support.rs"]
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -156,6 +157,80 @@ fn member_state(p: &Project, var: &str, node: &str) -> Option<String> {
         .and_then(|m| m["state"].as_str().map(str::to_string))
 }
 
+/// A caller's trace context, as the test sends it to the front: (headers, trace id, the caller's span id).
+fn caller_context(b3: bool) -> (Vec<(&'static str, String)>, String, String) {
+    let trace = format!("{:032x}", fastrand::u128(1..));
+    let span = format!("{:016x}", fastrand::u64(1..));
+    let headers = if b3 {
+        vec![
+            ("X-B3-TraceId", trace.clone()),
+            ("X-B3-SpanId", span.clone()),
+            ("X-B3-Sampled", "1".to_string()),
+        ]
+    } else {
+        vec![("traceparent", format!("00-{trace}-{span}-01"))]
+    };
+    (headers, trace, span)
+}
+
+/// Whether `spans` (the collector's Zipkin v2 JSON for `trace`) hold the whole chain front -> mid ->
+/// back-stable under the caller's span, each hop the child of the one before:
+/// agent-a's server span for front's request (a child of the caller's span: front passed the context on) ->
+/// its client span -> agent-c's inbound server span -> agent-c's server span for mid's request to back-stable
+/// (its child: mid passed the context on) -> agent-c's client span that got 200 -> with a replica on another
+/// node, that agent's inbound server span. Every span's parent is in the trace or is the caller's span.
+/// Ok: the chain as `node KIND name` lines; Err: what is missing yet (each agent exports once a second).
+fn chain_trace(spans: &Value, trace: &str, caller: &str) -> Result<Vec<String>, String> {
+    let spans = spans.as_array().ok_or("not a JSON array")?;
+    let str_of = |v: &Value, key: &str| v[key].as_str().unwrap_or("").to_string();
+    let node = |v: &Value| {
+        v["localEndpoint"]["serviceName"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let tag = |v: &Value, key: &str| v["tags"][key].as_str().unwrap_or("").to_string();
+    let ids: HashSet<String> = spans.iter().map(|v| str_of(v, "id")).collect();
+    for v in spans {
+        let parent = str_of(v, "parentId");
+        if str_of(v, "traceId") != trace || (parent != caller && !ids.contains(&parent)) {
+            return Err(format!("span not linked into the trace: {v}"));
+        }
+    }
+    let child = |parent: &Value, kind: &str, at: &str, service: &str| -> Result<Value, String> {
+        spans
+            .iter()
+            .find(|v| {
+                str_of(v, "parentId") == str_of(parent, "id")
+                    && str_of(v, "kind") == kind
+                    && node(v) == at
+                    && tag(v, "mesh.service") == service
+                    && (kind == "SERVER" || tag(v, "http.status_code") == "200")
+            })
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "no {kind} span on {at} for {service} under {:?} yet",
+                    str_of(parent, "name")
+                )
+            })
+    };
+    let caller_span = serde_json::json!({ "id": caller, "name": "the caller's span" });
+    let mut chain = vec![child(&caller_span, "SERVER", "node-a", "mid")?];
+    chain.push(child(&chain[0], "CLIENT", "node-a", "mid")?);
+    chain.push(child(&chain[1], "SERVER", "node-c", "mid")?);
+    chain.push(child(&chain[2], "SERVER", "node-c", "back-stable")?);
+    chain.push(child(&chain[3], "CLIENT", "node-c", "back-stable")?);
+    let replica_node = tag(&chain[4], "mesh.peer_node");
+    if !replica_node.is_empty() {
+        chain.push(child(&chain[4], "SERVER", &replica_node, "back-stable")?);
+    }
+    Ok(chain
+        .iter()
+        .map(|v| format!("{} {} {}", node(v), str_of(v, "kind"), str_of(v, "name")))
+        .collect())
+}
+
 fn healthy(container: &str) -> bool {
     let o = run(
         "docker",
@@ -177,6 +252,7 @@ fn three_agents_route_across_hosts_survive_a_killed_agent_and_report_bad_input()
             ("DEMO_ADMIN_A", free_port().to_string()),
             ("DEMO_ADMIN_B", free_port().to_string()),
             ("DEMO_ADMIN_C", free_port().to_string()),
+            ("DEMO_COLLECTOR", free_port().to_string()),
         ],
         extra: Vec::new(),
         tag: tag.clone(),
@@ -222,6 +298,52 @@ fn three_agents_route_across_hosts_survive_a_killed_agent_and_report_bad_input()
         "the front never reached all three hosts: {:?}",
         tally(&p, 40)
     );
+
+    // The chain front -> mid -> back-stable is one trace at the collector, with W3C and with B3 context. The test
+    // plays the user: its own context goes to the front, which passes it on, as mid does on its call.
+    for b3 in [false, true] {
+        let called = wait_for(Duration::from_secs(60), || {
+            let (headers, trace, caller) = caller_context(b3);
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, body) = http_get_with(
+                p.port("DEMO_PORT"),
+                "front",
+                "/?calls=1&upstream=mid&format=json",
+                &headers,
+            )?;
+            let v = json_in(&body)?;
+            let chain = v["replicas"].as_object()?.keys().next()?.clone();
+            (status == 200 && v["ok"] == 1).then_some((trace, caller, chain))
+        });
+        let (_, (trace, caller, chain)) =
+            called.expect("the front never got an answer from back-stable through mid");
+        assert!(chain.starts_with("mid@node-c > back-"), "{chain}");
+        let collector = p.port("DEMO_COLLECTOR");
+        let spans = || {
+            let (status, body) =
+                http_get(collector, "collector", &format!("/api/v2/trace/{trace}"))?;
+            (status == 200).then(|| json_in(&body)).flatten()
+        };
+        let linked = wait_for(Duration::from_secs(30), || {
+            chain_trace(&spans()?, &trace, &caller).ok()
+        });
+        let Some((took, hops)) = linked else {
+            panic!(
+                "trace {trace} ({}) never linked up at the collector: {:?}\n{:?}",
+                if b3 { "B3" } else { "W3C" },
+                spans().map(|s| chain_trace(&s, &trace, &caller)),
+                http_get(collector, "collector", "/traces?limit=5")
+            );
+        };
+        eprintln!("{chain}: trace {trace} complete at the collector after {took:?}: {hops:#?}");
+        // The same trace, as the collector prints it for people.
+        let (_, text) = http_get(collector, "collector", "/traces?limit=10").unwrap_or_default();
+        assert!(
+            text.contains(&format!("trace {trace}")) && text.contains("inbound GET mid"),
+            "{text}"
+        );
+    }
 
     // 300 calls: all answered; the broken replica never answers 200 (retried elsewhere) and its breaker opens;
     // the slow one gets less than any fast one; the canary gets its share of the split.

@@ -69,12 +69,26 @@ pub fn free_port() -> u16 {
 
 /// GET `path` from 127.0.0.1:`port` with `Host: host`: (status, body), or None when it cannot connect.
 pub fn http_get(port: u16, host: &str, path: &str) -> Option<(u16, String)> {
+    http_get_with(port, host, path, &[])
+}
+
+/// [`http_get`] with extra request headers.
+pub fn http_get_with(
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = Vec::new();
