@@ -159,7 +159,7 @@ async fn retries_are_separate_client_spans_and_sampling_follows_the_rules() {
     let (collector, mut rx) = zipkin().await;
     let back = backend("back").await;
     let a = agent(&format!(
-        "{}[[discovery.static]]\nservice = \"users\"\nendpoints = [\"{}\"]\n[services.users]\nretry = {{ max_attempts = 3, on = [\"5xx\"] }}\n",
+        "{}[[discovery.static]]\nservice = \"users\"\nendpoints = [\"{}\"]\n[services.users]\nretry = {{ max_attempts = 3, on = [\"5xx\"] }}\nfault = {{ allow_header_override = true }}\n",
         tracing_toml(collector, 0.0),
         back.addr
     ))
@@ -226,16 +226,16 @@ async fn retries_are_separate_client_spans_and_sampling_follows_the_rules() {
     )
     .await;
     assert_eq!(got.status, 503);
-    let spans = spans(&mut rx, 4).await;
-    assert_eq!(spans.len(), 4, "{spans:#?}");
-    let mut attempts: Vec<String> = spans
+    let tries = spans(&mut rx, 4).await;
+    assert_eq!(tries.len(), 4, "{tries:#?}");
+    let mut attempts: Vec<String> = tries
         .iter()
         .filter(|s| s["kind"] == "CLIENT")
         .map(|s| s["tags"]["mesh.attempt"].as_str().unwrap_or("").to_string())
         .collect();
     attempts.sort();
     assert_eq!(attempts, ["1", "2", "3"]);
-    let server = spans.iter().find(|s| s["kind"] == "SERVER").unwrap();
+    let server = tries.iter().find(|s| s["kind"] == "SERVER").unwrap();
     assert_eq!(server["tags"]["http.status_code"], "503");
     assert!(
         server["tags"]["error"]
@@ -243,25 +243,34 @@ async fn retries_are_separate_client_spans_and_sampling_follows_the_rules() {
             .is_some_and(|e| !e.is_empty()),
         "{server}"
     );
-    let ids: HashMap<&str, &Value> = spans
+    let ids: HashMap<&str, &Value> = tries
         .iter()
         .map(|s| (s["id"].as_str().unwrap(), s))
         .collect();
-    for c in spans.iter().filter(|s| s["kind"] == "CLIENT") {
+    for c in tries.iter().filter(|s| s["kind"] == "CLIENT") {
         assert_eq!(c["parentId"], server["id"]);
         assert!(ids.contains_key(c["parentId"].as_str().unwrap()));
     }
+    // A fault this agent injects is on the request's server span: an abort answers before any attempt.
+    let got = send(&a, "users", &[("mesh-sample", "1"), ("mesh-fault-abort", "418")]).await;
+    assert_eq!(got.status, 418);
+    let aborted = spans(&mut rx, 1).await;
+    assert_eq!(aborted.len(), 1, "no client span without an attempt: {aborted:#?}");
+    assert_eq!(aborted[0]["kind"], "SERVER");
+    assert_eq!(aborted[0]["tags"]["mesh.fault"], "abort", "{}", aborted[0]);
+    assert_eq!(aborted[0]["tags"]["mesh.error"], "fault-injected");
+
     // Counted once the collector has answered, which is just after it received the spans: poll.
     let exported = "meshd_trace_spans_exported_total{exporter=\"zipkin\"}";
     let mut m = metrics(&a).await;
     for _ in 0..200 {
-        if sample(&m, exported) >= 6.0 {
+        if sample(&m, exported) >= 7.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         m = metrics(&a).await;
     }
-    assert!(sample(&m, exported) >= 6.0, "{m}");
+    assert!(sample(&m, exported) >= 7.0, "{m}");
     a.stop().await;
 }
 

@@ -1409,29 +1409,25 @@ mod tests {
             parent_id: Some(root.span_id),
         };
         let inbound = client.child();
-        let span = |ids: &SpanIds, name: &str, kind, node: &str, took: Duration| {
-            let mut s = Span::new(ids, name, kind, Arc::from(node));
+        // `prefix` starts the name: `outbound GET mid`, `GET mid`, `inbound GET mid`.
+        let span = |ids: &SpanIds, prefix: &'static str, kind, node: &str, took: Duration| {
+            let mut s = Span::new(ids, kind, Arc::from(node));
+            s.name_prefix = prefix;
             s.start = start;
             s.duration = took;
             s.service = Some(Arc::from("mid"));
-            s.method = Some("GET".into());
+            s.method = Some(http::Method::GET);
             s.status = Some(200);
             s
         };
-        let mut a = span(&root, "outbound GET mid", SpanKind::Server, "node-a", total);
+        let mut a = span(&root, "outbound", SpanKind::Server, "node-a", total);
         a.status = Some(502);
-        let mut b = span(&client, "GET mid", SpanKind::Client, "node-a", total / 2);
+        let mut b = span(&client, "", SpanKind::Client, "node-a", total / 2);
         b.peer_node = Some(Arc::from("node-c"));
         b.endpoint = Some("172.18.0.9:8080".parse().unwrap());
         b.attempt = Some(2);
         b.breaker = Some("closed");
-        let mut c = span(
-            &inbound,
-            "inbound GET mid",
-            SpanKind::Server,
-            "node-c",
-            total / 4,
-        );
+        let mut c = span(&inbound, "inbound", SpanKind::Server, "node-c", total / 4);
         c.peer_node = Some(Arc::from("node-a"));
         c.start = start + Duration::from_millis(1);
         vec![a, b, c]

@@ -45,6 +45,8 @@ pub struct RequestCtx {
     pub endpoint: Option<SocketAddr>,
     /// This request's trace, while tracing is on.
     pub hop: Option<super::spans::Hop>,
+    /// The fault injected into this request, if any: `delay`, `abort` or `delay+abort` (for its server span).
+    pub fault: Option<&'static str>,
 }
 
 impl RequestCtx {
@@ -70,6 +72,7 @@ impl RequestCtx {
                 .and_then(|v| v.parse().ok()),
             endpoint: None,
             hop: None,
+            fault: None,
         }
     }
 

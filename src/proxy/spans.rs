@@ -142,7 +142,7 @@ impl Tracer {
             hop.extra.clone(),
             o,
         );
-        self.sink.record_shared(span);
+        self.sink.record(span);
     }
 
     /// Records the client span of one attempt (when sampled).
@@ -158,10 +158,9 @@ impl Tracer {
             return;
         }
         let span = self.span(ids, SpanKind::Client, "", start, duration, Vec::new(), o);
-        self.sink.record_shared(span);
+        self.sink.record(span);
     }
 
-    /// The span, built where it will live (one struct written once, not moved into the queue's `Arc`).
     #[allow(clippy::too_many_arguments)]
     fn span(
         &self,
@@ -172,8 +171,8 @@ impl Tracer {
         duration: Duration,
         extra: Vec<(String, String)>,
         o: Outcome<'_>,
-    ) -> Arc<Span> {
-        Arc::new(Span {
+    ) -> Span {
+        Span {
             trace_id: ids.trace_id,
             span_id: ids.span_id,
             parent_id: ids.parent_id,
@@ -196,7 +195,7 @@ impl Tracer {
             response_bytes: o.response_bytes,
             error: false,
             extra,
-        })
+        }
     }
 }
 

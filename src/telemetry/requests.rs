@@ -180,7 +180,7 @@ impl Observers {
                     attempt: None,
                     mesh_error: f.mesh_error,
                     breaker: None,
-                    fault: None,
+                    fault: f.ctx.fault,
                     request_bytes: f.ctx.request_bytes,
                     response_bytes: f.response_bytes,
                 },

@@ -189,7 +189,10 @@ pub async fn run(
             let (status, grpc_status, mesh_error, response_bytes) = match &result {
                 Attempt::Response(r) => (
                     Some(r.status().as_u16()),
-                    crate::proxy::grpc_status_of(r.headers()),
+                    // Only a gRPC request's response means anything by it.
+                    ctx.grpc
+                        .then(|| crate::proxy::grpc_status_of(r.headers()))
+                        .flatten(),
                     None,
                     crate::proxy::content_length(r.headers()),
                 ),

@@ -83,6 +83,12 @@ pub async fn resolve(
 
     if let Some(f) = &policy.fault {
         let decision = fault::decide(f, req.headers(), rng.f64(), rng.f64());
+        ctx.fault = match (decision.delay, decision.abort) {
+            (Some(_), Some(_)) => Some("delay+abort"),
+            (Some(_), None) => Some("delay"),
+            (None, Some(_)) => Some("abort"),
+            (None, None) => None,
+        };
         if let Some(delay) = decision.delay {
             out.policy_metrics
                 .faults

@@ -148,7 +148,8 @@ pub struct TraceSink {
 ///
 /// A mutex around a vector rather than a channel: a channel wakes the exporter task for every span (a cross-thread
 /// wake-up per request), while this wakes it only when a full batch is waiting; partial batches wait for the
-/// flush interval, as they did anyway. The lock is held for a push or a swap, never across an await.
+/// flush interval, as they did anyway. The lock is held for a push or a swap, never across an await. Spans are
+/// held by value: no allocation per span (a second collector gets a copy).
 struct Queue {
     inner: Mutex<QueueInner>,
     /// A full batch is waiting.
@@ -158,7 +159,7 @@ struct Queue {
 }
 
 struct QueueInner {
-    spans: Vec<Arc<Span>>,
+    spans: Vec<Span>,
     closed: bool,
 }
 
@@ -186,7 +187,7 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, span: Arc<Span>) -> Pushed {
+    fn push(&self, span: Span) -> Pushed {
         let len = {
             let mut inner = self.lock();
             if inner.closed {
@@ -205,7 +206,7 @@ impl Queue {
     }
 
     /// Up to one batch, oldest first.
-    fn take(&self) -> Vec<Arc<Span>> {
+    fn take(&self) -> Vec<Span> {
         let mut inner = self.lock();
         if inner.spans.len() <= self.batch_size {
             std::mem::take(&mut inner.spans)
@@ -237,23 +238,23 @@ impl TraceSink {
 
     /// Queues `span` for every collector without waiting; a full queue drops it (counted).
     pub fn record(&self, span: Span) {
-        if self.queues.is_empty() {
+        let Some((last, others)) = self.queues.split_last() else {
             return;
+        };
+        for queue in others {
+            self.count(queue.push(span.clone()));
         }
-        self.record_shared(Arc::new(span));
+        self.count(last.push(span));
     }
 
-    /// [`record`](TraceSink::record) for a span already in an `Arc`.
-    pub fn record_shared(&self, span: Arc<Span>) {
-        for queue in self.queues.iter() {
-            let counter = match queue.push(Arc::clone(&span)) {
-                Pushed::Queued => continue,
-                Pushed::Full => &self.queue_full,
-                Pushed::Closed => &self.closed,
-            };
-            if let Some(counter) = counter {
-                counter.inc();
-            }
+    fn count(&self, pushed: Pushed) {
+        let counter = match pushed {
+            Pushed::Queued => return,
+            Pushed::Full => &self.queue_full,
+            Pushed::Closed => &self.closed,
+        };
+        if let Some(counter) = counter {
+            counter.inc();
         }
     }
 }
@@ -481,10 +482,10 @@ impl Task {
         debug!("trace exporter stopped");
     }
 
-    fn encode(&self, spans: &[Arc<Span>]) -> Vec<u8> {
+    fn encode(&self, spans: &[Span]) -> Vec<u8> {
         match self.collector.kind {
-            Kind::Zipkin => zipkin::encode(spans.iter().map(|s| &**s)),
-            Kind::Otlp => otlp::encode(&self.config.local_node, spans.iter().map(|s| &**s)),
+            Kind::Zipkin => zipkin::encode(spans),
+            Kind::Otlp => otlp::encode(&self.config.local_node, spans),
         }
     }
 

@@ -85,9 +85,7 @@ fn write_span(out: &mut Vec<u8>, names: &mut Names, span: &Span) {
             .unwrap_or(u64::MAX)
             .max(1),
     );
-    out.extend_from_slice(b",\"localEndpoint\":{\"serviceName\":\"");
-    cached_into(out, &mut names.node, &span.local_node);
-    out.extend_from_slice(b"\"}");
+    out.extend_from_slice(names.node(&span.local_node).0);
     // An IPv4 endpoint is written twice (remoteEndpoint and the mesh.endpoint tag): format it once.
     let ipv4 = match span.endpoint {
         Some(SocketAddr::V4(a)) => Some(Ipv4Text::new(*a.ip())),
@@ -95,9 +93,7 @@ fn write_span(out: &mut Vec<u8>, names: &mut Names, span: &Span) {
     };
     write_remote_endpoint(out, names, span, ipv4.as_ref());
     // Tags: a flat object of string values. `mesh.node` is always there, so every other tag starts with a comma.
-    out.extend_from_slice(b",\"tags\":{\"mesh.node\":\"");
-    cached_into(out, &mut names.node, &span.local_node);
-    out.push(b'"');
+    out.extend_from_slice(names.node(&span.local_node).1);
     write_tags(out, names, span, ipv4.as_ref());
     out.extend_from_slice(b"}}");
 }
@@ -188,7 +184,19 @@ fn write_tags(out: &mut Vec<u8>, names: &mut Names, span: &Span, ipv4: Option<&I
         out.push(b'"');
     }
     if let Some(status) = span.status {
-        num_tag(out, b",\"http.status_code\":\"", u64::from(status));
+        out.extend_from_slice(b",\"http.status_code\":\"");
+        if (100..1000).contains(&status) {
+            // Every real status: three digits, no formatter.
+            out.extend_from_slice(&[
+                b'0' + (status / 100) as u8,
+                b'0' + (status / 10 % 10) as u8,
+                b'0' + (status % 10) as u8,
+                b'"',
+            ]);
+        } else {
+            number(out, u64::from(status));
+            out.push(b'"');
+        }
     }
     if let Some(code) = span.grpc_status {
         out.extend_from_slice(b",\"rpc.grpc.status_code\":\"");
@@ -337,8 +345,35 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
 /// (every span names this agent's node twice and its service up to three times).
 #[derive(Default)]
 struct Names {
-    node: Option<(Arc<str>, Vec<u8>)>,
+    /// The node, and the two fragments that name it: `,"localEndpoint":{"serviceName":"NODE"}` and
+    /// `,"tags":{"mesh.node":"NODE"`.
+    node: Option<(Arc<str>, Vec<u8>, Vec<u8>)>,
     service: Option<(Arc<str>, Vec<u8>)>,
+}
+
+impl Names {
+    /// The two fragments naming `node` (see [`Names::node`]), made once per batch and node.
+    fn node(&mut self, node: &Arc<str>) -> (&[u8], &[u8]) {
+        let fresh = match &self.node {
+            Some((known, _, _)) => !(Arc::ptr_eq(known, node) || **known == **node),
+            None => true,
+        };
+        if fresh {
+            let mut escaped = Vec::with_capacity(node.len());
+            escape_into(&mut escaped, node);
+            let mut local = b",\"localEndpoint\":{\"serviceName\":\"".to_vec();
+            local.extend_from_slice(&escaped);
+            local.extend_from_slice(b"\"}");
+            let mut tags = b",\"tags\":{\"mesh.node\":\"".to_vec();
+            tags.extend_from_slice(&escaped);
+            tags.push(b'"');
+            self.node = Some((Arc::clone(node), local, tags));
+        }
+        match &self.node {
+            Some((_, local, tags)) => (local, tags),
+            None => (&[], &[]),
+        }
+    }
 }
 
 /// Appends `name` escaped, from `slot` when it holds the same string.
