@@ -4,6 +4,7 @@
 #
 #   bash bench/tracing.sh                  # rewrites the "Tracing cost" section of docs/benchmarks.md
 #   CG_REQUESTS=4000 CG_ROUNDS=5 bash bench/tracing.sh
+#   BASELINE=/path/to/meshd-before-tracing bash bench/tracing.sh   # also "tracing off" against a build without it
 #
 # Method as in bench/proxy.sh: meshd under callgrind serving N and 2N keep-alive requests from ab (one client);
 # (Ir(2N) − Ir(N)) / N is the count per request with startup subtracted; CG_ROUNDS rounds, the three setups
@@ -90,8 +91,9 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2
 range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
 
 instructions() { # setup, requests
-  local out="$work/callgrind.$1.$2"
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$MESHD" run --config "$work/$1.toml" \
+  local out="$work/callgrind.$1.$2" bin=$MESHD config=$1
+  if [ "$1" = baseline ]; then bin=$BASELINE config=off; fi
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --config "$work/$config.toml" \
     >/dev/null 2>"$work/valgrind.$1.err" &
   local pid=$!
   for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/ready" && break; sleep 0.1; done
@@ -111,6 +113,7 @@ per_request() {
 
 declare -A runs
 setups=(off unsampled sampled)
+if [ -n "${BASELINE:-}" ]; then setups=(baseline "${setups[@]}"); fi
 for _ in $(seq "$CG_ROUNDS"); do
   for s in "${setups[@]}"; do runs[$s]+="$(per_request "$s") "; done
 done
@@ -129,6 +132,7 @@ off=$(echo "${runs[off]}" | median)
     m=$(echo "${runs[$s]}" | median)
     r=$(echo "${runs[$s]}" | range)
     case $s in
+      baseline) label="a build from before tracing existed (${BASELINE_NAME:-$BASELINE}), same config as off" ;;
       off) label="tracing off (no collector)" ;;
       unsampled) label="collector set, sample_rate = 0 (context read and written, no span)" ;;
       sampled) label="sample_rate = 1.0, every request exported to Zipkin" ;;

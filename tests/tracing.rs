@@ -252,10 +252,19 @@ async fn retries_are_separate_client_spans_and_sampling_follows_the_rules() {
         assert!(ids.contains_key(c["parentId"].as_str().unwrap()));
     }
     // A fault this agent injects is on the request's server span: an abort answers before any attempt.
-    let got = send(&a, "users", &[("mesh-sample", "1"), ("mesh-fault-abort", "418")]).await;
+    let got = send(
+        &a,
+        "users",
+        &[("mesh-sample", "1"), ("mesh-fault-abort", "418")],
+    )
+    .await;
     assert_eq!(got.status, 418);
     let aborted = spans(&mut rx, 1).await;
-    assert_eq!(aborted.len(), 1, "no client span without an attempt: {aborted:#?}");
+    assert_eq!(
+        aborted.len(),
+        1,
+        "no client span without an attempt: {aborted:#?}"
+    );
     assert_eq!(aborted[0]["kind"], "SERVER");
     assert_eq!(aborted[0]["tags"]["mesh.fault"], "abort", "{}", aborted[0]);
     assert_eq!(aborted[0]["tags"]["mesh.error"], "fault-injected");
@@ -320,4 +329,46 @@ fn bad_tracing_settings_are_listed_with_their_keys() {
     ] {
         assert!(errs.contains(key), "{key} not in {errs}");
     }
+}
+
+/// A gRPC status that comes in the trailers (every successful call, and failures after the head) is on the
+/// attempt's client span: the span ends with the response body, not with its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_status_from_the_trailers_is_on_the_client_span() {
+    let (collector, mut rx) = zipkin().await;
+    let back = backend("grpc-1").await;
+    let a = agent(&format!(
+        "{}[[discovery.static]]\nservice = \"echo\"\nendpoints = [\"{}\"]\nprotocol = \"grpc\"\n",
+        tracing_toml(collector, 1.0),
+        back.addr
+    ))
+    .await;
+    let mut client = grpc_client(a.outbound, "echo").await;
+
+    let reply = grpc_unary(&mut client, GRPC_UNARY, "hi").await.unwrap();
+    assert_eq!(reply.message, "hi");
+    let ok = spans(&mut rx, 2).await;
+    let ok_client = ok
+        .iter()
+        .find(|s| s["kind"] == "CLIENT")
+        .unwrap_or_else(|| panic!("no client span: {ok:#?}"));
+    assert_eq!(ok_client["tags"]["rpc.grpc.status_code"], "0", "{ok_client}");
+    assert!(ok_client["tags"].get("error").is_none(), "{ok_client}");
+
+    let err = grpc_unary(&mut client, GRPC_FAIL, "x").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let failed = spans(&mut rx, 2).await;
+    let failed_client = failed
+        .iter()
+        .find(|s| s["kind"] == "CLIENT")
+        .unwrap_or_else(|| panic!("no client span: {failed:#?}"));
+    assert_eq!(
+        failed_client["tags"]["rpc.grpc.status_code"], "5",
+        "{failed_client}"
+    );
+    assert!(
+        failed_client["tags"].get("error").is_some(),
+        "a non-OK status is an error on a client span: {failed_client}"
+    );
+    a.stop().await;
 }

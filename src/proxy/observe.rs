@@ -15,6 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::pool::Lease;
+use super::spans::PendingSpan;
 use crate::config::Config;
 use crate::policy::breaker::{Permit, Transition};
 use crate::routing::Service;
@@ -144,6 +145,7 @@ pin_project_lite::pin_project! {
         inner: Incoming,
         report: Option<Report>,
         lease: Option<Lease>,
+        span: Option<PendingSpan>,
     }
 }
 
@@ -153,7 +155,13 @@ impl Observed {
             inner,
             report,
             lease,
+            span: None,
         }
+    }
+
+    /// Ends `span` with this body, which gives it the gRPC status of the trailers.
+    pub fn end_span_with_body(&mut self, span: PendingSpan) {
+        self.span = Some(span);
     }
 }
 
@@ -169,18 +177,25 @@ impl Body for Observed {
         let res = this.inner.poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(report), Some(trailers)) = (this.report.as_mut(), frame.trailers_ref())
-                {
+                if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers
                         .get(crate::proxy::headers::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u8>().ok());
-                    report.grpc(code);
+                    if let Some(report) = this.report.as_mut() {
+                        report.grpc(code);
+                    }
+                    if let Some(span) = this.span.as_mut() {
+                        span.trailers(code.map(i32::from));
+                    }
                 }
             }
             Poll::Ready(None) => {
                 if let Some(report) = this.report.as_mut() {
                     report.grpc(None);
+                }
+                if let Some(span) = this.span.as_mut() {
+                    span.end();
                 }
                 // The connection is free for the next request now, not when hyper drops the body.
                 this.lease.take();
@@ -189,6 +204,10 @@ impl Body for Observed {
             Poll::Ready(Some(Err(_))) => {
                 if let Some(report) = this.report.as_mut() {
                     report.record(false);
+                }
+                if let Some(span) = this.span.as_mut() {
+                    span.failed();
+                    span.end();
                 }
                 this.lease.take();
             }

@@ -145,6 +145,29 @@ impl Tracer {
         self.sink.record(span);
     }
 
+    /// The client span of one attempt of a gRPC call whose status comes in the trailers, to be recorded when
+    /// the response body ends (`None` when not sampled).
+    pub fn client_pending(
+        &self,
+        hop: &Hop,
+        ids: &SpanIds,
+        start: SystemTime,
+        o: Outcome<'_>,
+    ) -> Option<PendingSpan> {
+        hop.sampled.then(|| PendingSpan {
+            span: Some(self.span(
+                ids,
+                SpanKind::Client,
+                "",
+                start,
+                Duration::ZERO,
+                Vec::new(),
+                o,
+            )),
+            sink: self.sink.clone(),
+        })
+    }
+
     /// Records the client span of one attempt (when sampled).
     pub fn client(
         &self,
@@ -196,6 +219,44 @@ impl Tracer {
             error: false,
             extra,
         }
+    }
+}
+
+/// A client span that ends with its response body: it takes the gRPC status from the trailers and is recorded
+/// when the body ends, fails or is dropped, with the duration up to then.
+pub struct PendingSpan {
+    span: Option<Span>,
+    sink: TraceSink,
+}
+
+impl PendingSpan {
+    /// The trailers arrived, with this `grpc-status` (or none).
+    pub fn trailers(&mut self, grpc_status: Option<i32>) {
+        if let Some(span) = &mut self.span {
+            span.grpc_status = grpc_status;
+        }
+    }
+
+    /// The body broke mid-way.
+    pub fn failed(&mut self) {
+        if let Some(span) = &mut self.span {
+            span.error = true;
+        }
+    }
+
+    /// Records the span now (once).
+    pub fn end(&mut self) {
+        if let Some(mut span) = self.span.take() {
+            span.duration = span.start.elapsed().unwrap_or_default();
+            self.sink.record(span);
+        }
+    }
+}
+
+impl Drop for PendingSpan {
+    fn drop(&mut self) {
+        // The body was dropped before its end (the caller went away): the span ends here.
+        self.end();
     }
 }
 

@@ -172,7 +172,7 @@ pub async fn run(
                 req
             })
         };
-        let result = send_once(
+        let mut result = send_once(
             out,
             &t,
             idx,
@@ -203,29 +203,41 @@ pub async fn run(
                     None,
                 ),
             };
-            out.observers.tracer.client(
-                h,
-                ids,
-                *start,
-                start.elapsed().unwrap_or_default(),
-                Outcome {
-                    service: Some(t.service.name.clone()),
-                    endpoint: Some(endpoint.addr),
-                    peer_node: match &endpoint.location {
-                        Location::Remote { node, .. } => Some(node.as_str()),
-                        Location::Local { .. } => None,
-                    },
-                    method: Some(&ctx.method),
-                    status,
-                    grpc_status,
-                    attempt: Some(attempt),
-                    mesh_error,
-                    breaker: Some(endpoint.state.breaker_state(Instant::now()).as_str()),
-                    fault: None,
-                    request_bytes: ctx.request_bytes,
-                    response_bytes,
+            // A gRPC status that is not in the head comes in the trailers: the span ends with the body.
+            let pending =
+                ctx.grpc && grpc_status.is_none() && matches!(result, Attempt::Response(_));
+            let outcome = Outcome {
+                service: Some(t.service.name.clone()),
+                endpoint: Some(endpoint.addr),
+                peer_node: match &endpoint.location {
+                    Location::Remote { node, .. } => Some(node.as_str()),
+                    Location::Local { .. } => None,
                 },
-            );
+                method: Some(&ctx.method),
+                status,
+                grpc_status,
+                attempt: Some(attempt),
+                mesh_error,
+                breaker: Some(endpoint.state.breaker_state(Instant::now()).as_str()),
+                fault: None,
+                request_bytes: ctx.request_bytes,
+                response_bytes,
+            };
+            match &mut result {
+                Attempt::Response(r) if pending => {
+                    if let Some(span) = out.observers.tracer.client_pending(h, ids, *start, outcome)
+                    {
+                        r.body_mut().end_span_with_body(span);
+                    }
+                }
+                _ => out.observers.tracer.client(
+                    h,
+                    ids,
+                    *start,
+                    start.elapsed().unwrap_or_default(),
+                    outcome,
+                ),
+            }
         }
 
         // Decide on a retry.
