@@ -1,5 +1,5 @@
 //! The Grafana dashboard (docs/grafana/meshd.json) and the alerting rules (docs/prometheus/) against a real
-//! Prometheus: agents with mutual TLS, gossip and (fake) Docker discovery run under traffic that exercises every
+//! Prometheus: agents with mutual TLS, gossip and Docker discovery (the real engine) run under traffic that exercises every
 //! panel — 5xx, retries, an exhausted retry budget, an open breaker, rate limits, faults, a refused connect, a
 //! gossip member that crashes, datagrams from another cluster, a failed TLS handshake, a refused reload, a
 //! skipped container. Prometheus (Debian's package, unpacked by tests/run.sh) scrapes them every second, and each
@@ -7,6 +7,8 @@
 //! and Prometheus evaluates them against the live series without error.
 
 mod common;
+#[path = "docker/support.rs"]
+mod dsupport;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,12 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 const DASHBOARD: &str = "docs/grafana/meshd.json";
@@ -62,90 +61,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// A fake Docker Engine API: one running container whose labels are wrong (skipped: bad-port), and an event
-// stream that reports one `start` and then stays open.
-// ---------------------------------------------------------------------------------------------------------
-
-const CONTAINER: &str = "0badc0ffee0badc0ffee0badc0ffee0badc0ffee0badc0ffee0badc0ffee0bad";
-
-async fn fake_docker() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(docker_answer(req.uri().path()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn docker_answer(path: &str) -> Response<TestBody> {
-    let json = |body: String| {
-        let mut r = Response::new(full(body));
-        r.headers_mut().insert(
-            "content-type",
-            http::HeaderValue::from_static("application/json"),
-        );
-        r
-    };
-    if path.ends_with("/version") {
-        return json(
-            r#"{"Version":"24.0.7","ApiVersion":"1.43","MinAPIVersion":"1.12","Os":"linux","Arch":"amd64"}"#
-                .into(),
-        );
-    }
-    if path.ends_with("/containers/json") {
-        return json(format!(
-            r#"[{{"Id":"{CONTAINER}","Names":["/bad-port"],"State":"running"}}]"#
-        ));
-    }
-    if path.ends_with(&format!("/containers/{CONTAINER}/json")) {
-        return json(format!(
-            r#"{{"Id":"{CONTAINER}","Name":"/bad-port",
-                "State":{{"Status":"running","Running":true,"Paused":false,"Restarting":false,
-                          "StartedAt":"2026-11-25T14:07:51.35Z"}},
-                "HostConfig":{{"NetworkMode":"bridge"}},
-                "Config":{{"Labels":{{"mesh.enable":"true","mesh.service":"web","mesh.port":"not-a-port"}}}},
-                "NetworkSettings":{{"Networks":{{"bridge":{{"IPAddress":"172.17.0.9"}}}}}}}}"#
-        ));
-    }
-    if path.ends_with("/events") {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        let event = format!(
-            "{{\"Type\":\"container\",\"Action\":\"start\",\"Actor\":{{\"ID\":\"{CONTAINER}\",\"Attributes\":{{}}}},\"scope\":\"local\",\"time\":{},\"timeNano\":{}}}\n",
-            now.as_secs(),
-            now.as_nanos()
-        );
-        let frames = futures_util::stream::once(async move {
-            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(event)))
-        });
-        use futures_util::StreamExt;
-        let body = http_body_util::StreamBody::new(frames.chain(futures_util::stream::pending()));
-        let mut r = Response::new(body.boxed_unsync());
-        r.headers_mut().insert(
-            "content-type",
-            http::HeaderValue::from_static("application/json"),
-        );
-        return r;
-    }
-    let mut r = json(r#"{"message":"not here"}"#.into());
-    *r.status_mut() = StatusCode::NOT_FOUND;
-    r
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -403,14 +318,17 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
     let flaky = backend("flaky").await;
     flaky.faults.set_status(503);
     let orders = backend("orders").await;
-    let docker = fake_docker().await;
+    // Docker discovery on the real engine, scoped to agent A's node name: a container with a broken
+    // `mesh.port` (skipped: bad-port), started once A watches the events. Removed at the end by the scope.
+    let mut scope = dsupport::Scope::new("dashboard").await;
+    scope.node = format!("node-{ip_a}");
     // Nothing listens on port 1 of this loopback address: connects are refused.
     let dead: SocketAddr = "127.0.0.125:1".parse().unwrap();
 
     // A: the seed, with every policy; its config is a file so that a broken reload can be refused.
     let a_extra = format!(
         "{}{}{}{}{}{}\
-         [discovery.docker]\nenabled = true\nhost = \"tcp://{docker}\"\n\
+         [discovery.docker]\nenabled = true\nnode_label = \"mesh.node\"\n\
          [services.users]\nretry = {{ on = [\"5xx\"], max_attempts = 3 }}\n\
          [services.flaky]\ncircuit_breaker = {{ failures = 3, backoff = {{ min = \"2s\", max = \"10s\" }} }}\n\
          [services.stingy]\nretry = {{ on = [\"5xx\"], max_attempts = 2, budget_ratio = 0.0, min_per_second = 0.0 }}\n\
@@ -427,6 +345,20 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus_and_the_alert
     let a_path = dir.path().join("a.toml");
     std::fs::write(&a_path, &a_text).unwrap();
     let a = start_from_file(&a_path).await;
+    let _bad_port = scope
+        .run(
+            "bad-port",
+            &[
+                "-l",
+                "mesh.enable=true",
+                "-l",
+                "mesh.service=web",
+                "-l",
+                "mesh.port=not-a-port",
+            ],
+            &[],
+        )
+        .await;
     let seed = a.gossip.unwrap();
 
     // B: joins A and serves `orders`, which A reaches over mutual TLS.

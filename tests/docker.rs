@@ -580,7 +580,9 @@ async fn a_failing_or_slow_inspect_stalls_nothing_and_keeps_the_last_state() {
     );
     docker_ok(&["start", &slow.id]).await;
     // A rename makes meshd read "flaky" again: the inspect fails, and it keeps its last state (routable).
-    docker_ok(&["rename", &flaky.name, &format!("{}-renamed", flaky.name)]).await;
+    let renamed = format!("{}-renamed", flaky.name);
+    scope.track(&renamed);
+    docker_ok(&["rename", &flaky.name, &renamed]).await;
     // A container started after the hung inspect is routable long before the hang ends.
     let started = std::time::Instant::now();
     let (_fresh, fresh_addr) = run("fresh").await;

@@ -352,7 +352,10 @@ async fn grpc_status_from_the_trailers_is_on_the_client_span() {
         .iter()
         .find(|s| s["kind"] == "CLIENT")
         .unwrap_or_else(|| panic!("no client span: {ok:#?}"));
-    assert_eq!(ok_client["tags"]["rpc.grpc.status_code"], "0", "{ok_client}");
+    assert_eq!(
+        ok_client["tags"]["rpc.grpc.status_code"], "0",
+        "{ok_client}"
+    );
     assert!(ok_client["tags"].get("error").is_none(), "{ok_client}");
 
     let err = grpc_unary(&mut client, GRPC_FAIL, "x").await.unwrap_err();

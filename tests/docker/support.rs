@@ -287,6 +287,11 @@ impl Scope {
         Ctr { name, id }
     }
 
+    /// Removes this container at the end too, under `name` (for a container the test renamed).
+    pub fn track(&self, name: &str) {
+        self.containers.lock().unwrap().push(name.to_string());
+    }
+
     /// Forgets a container the test removed itself.
     pub fn forget(&self, c: &Ctr) {
         self.containers.lock().unwrap().retain(|n| n != &c.name);
