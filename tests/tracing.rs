@@ -357,6 +357,12 @@ async fn grpc_status_from_the_trailers_is_on_the_client_span() {
         "{ok_client}"
     );
     assert!(ok_client["tags"].get("error").is_none(), "{ok_client}");
+    // gRPC declares no Content-Length: the span counts the body's bytes (a 5-byte frame header and the reply).
+    let size: u64 = ok_client["tags"]["http.response.body.size"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no body size: {ok_client}"));
+    assert!(size > 5, "{ok_client}");
 
     let err = grpc_unary(&mut client, GRPC_FAIL, "x").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);

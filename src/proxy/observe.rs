@@ -177,6 +177,9 @@ impl Body for Observed {
         let res = this.inner.poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(span), Some(data)) = (this.span.as_mut(), frame.data_ref()) {
+                    span.data(data.len());
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     let code = trailers
                         .get(crate::proxy::headers::GRPC_STATUS)

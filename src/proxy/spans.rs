@@ -155,6 +155,7 @@ impl Tracer {
         o: Outcome<'_>,
     ) -> Option<PendingSpan> {
         hop.sampled.then(|| PendingSpan {
+            body_bytes: 0,
             span: Some(self.span(
                 ids,
                 SpanKind::Client,
@@ -227,9 +228,18 @@ impl Tracer {
 pub struct PendingSpan {
     span: Option<Span>,
     sink: TraceSink,
+    /// Response body bytes seen so far (the size when the head declared none).
+    body_bytes: u64,
 }
 
 impl PendingSpan {
+    /// A data frame of `n` bytes passed.
+    pub fn data(&mut self, n: usize) {
+        self.body_bytes = self
+            .body_bytes
+            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
     /// The trailers arrived, with this `grpc-status` (or none).
     pub fn trailers(&mut self, grpc_status: Option<i32>) {
         if let Some(span) = &mut self.span {
@@ -248,6 +258,7 @@ impl PendingSpan {
     pub fn end(&mut self) {
         if let Some(mut span) = self.span.take() {
             span.duration = span.start.elapsed().unwrap_or_default();
+            span.response_bytes = span.response_bytes.or(Some(self.body_bytes));
             self.sink.record(span);
         }
     }
