@@ -44,7 +44,7 @@ pub struct RequestCtx {
     /// The endpoint of the last attempt, once one was sent.
     pub endpoint: Option<SocketAddr>,
     /// This request's trace, while tracing is on.
-    pub hop: Option<super::spans::Hop>,
+    pub hop: Option<Box<super::spans::Hop>>,
     /// The fault injected into this request, if any: `delay`, `abort` or `delay+abort` (for its server span).
     pub fault: Option<&'static str>,
 }

@@ -145,7 +145,8 @@ pin_project_lite::pin_project! {
         inner: Incoming,
         report: Option<Report>,
         lease: Option<Lease>,
-        span: Option<PendingSpan>,
+        // Boxed: a response body is moved around, and most carry no span.
+        span: Option<Box<PendingSpan>>,
     }
 }
 
@@ -160,7 +161,7 @@ impl Observed {
     }
 
     /// Ends `span` with this body, which gives it the gRPC status of the trailers.
-    pub fn end_span_with_body(&mut self, span: PendingSpan) {
+    pub fn end_span_with_body(&mut self, span: Box<PendingSpan>) {
         self.span = Some(span);
     }
 }

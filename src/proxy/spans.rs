@@ -84,7 +84,10 @@ impl Tracer {
 
     /// The trace of a request just received: a child of the context it carries (W3C, then B3), or a new root
     /// (malformed headers start a new root too). `None` while tracing is off.
-    pub fn start(&self, headers: &HeaderMap) -> Option<Hop> {
+    ///
+    /// Boxed: the request's context and future carry it, and with tracing off they should stay as small as
+    /// before tracing existed (moving a larger future costs every request a copy).
+    pub fn start(&self, headers: &HeaderMap) -> Option<Box<Hop>> {
         if !self.sink.is_enabled() {
             return None;
         }
@@ -111,7 +114,7 @@ impl Tracer {
         } else {
             Vec::new()
         };
-        Some(Hop {
+        Some(Box::new(Hop {
             ids: context::child(incoming.as_ref()),
             sampled,
             format: incoming.as_ref().map_or(Format::W3c, |c| c.format),
@@ -119,7 +122,7 @@ impl Tracer {
             start: SystemTime::now(),
             clean: !traced,
             extra,
-        })
+        }))
     }
 
     /// Records the server span of a finished request (when sampled). `direction` starts its name.
@@ -153,8 +156,8 @@ impl Tracer {
         ids: &SpanIds,
         start: SystemTime,
         o: Outcome<'_>,
-    ) -> Option<PendingSpan> {
-        hop.sampled.then(|| PendingSpan {
+    ) -> Option<Box<PendingSpan>> {
+        hop.sampled.then(|| Box::new(PendingSpan {
             body_bytes: 0,
             span: Some(self.span(
                 ids,
@@ -166,7 +169,7 @@ impl Tracer {
                 o,
             )),
             sink: self.sink.clone(),
-        })
+        }))
     }
 
     /// Records the client span of one attempt (when sampled).

@@ -161,7 +161,7 @@ impl Observers {
             .record(f.direction, f.service, f.duration, f.failed());
         if f.ctx.hop.as_ref().is_some_and(|h| h.sampled) {
             self.tracer.server(
-                f.ctx.hop.as_ref(),
+                f.ctx.hop.as_deref(),
                 f.direction.as_str(),
                 f.duration,
                 crate::proxy::spans::Outcome {
