@@ -173,7 +173,7 @@ impl Queue {
     fn new(capacity: usize, batch_size: usize) -> Queue {
         Queue {
             inner: Mutex::new(QueueInner {
-                spans: Vec::new(),
+                spans: Vec::with_capacity(batch_size.min(capacity)),
                 closed: false,
             }),
             ready: Notify::new(),
@@ -209,7 +209,9 @@ impl Queue {
     fn take(&self) -> Vec<Span> {
         let mut inner = self.lock();
         if inner.spans.len() <= self.batch_size {
-            std::mem::take(&mut inner.spans)
+            // Room for the next batch up front: pushes on the data path never reallocate (and copy spans).
+            let fresh = Vec::with_capacity(self.batch_size.min(self.capacity));
+            std::mem::replace(&mut inner.spans, fresh)
         } else {
             inner.spans.drain(..self.batch_size).collect()
         }
