@@ -54,17 +54,17 @@ fn write_span(out: &mut Vec<u8>, names: &mut Names, span: &Span) {
     // The name: `{prefix} {method} {service}`, empty parts left out (see Span::name).
     out.extend_from_slice(b"\",\"name\":\"");
     let mut sep = false;
-    for part in [
-        span.name_prefix,
-        span.method.as_ref().map_or("", |m| m.as_str()),
-    ] {
-        if !part.is_empty() {
-            if sep {
-                out.push(b' ');
-            }
-            escape_into(out, part);
-            sep = true;
+    // A method is an HTTP token: nothing to escape. The prefix is one of ours, but a `pub` field: checked.
+    if !span.name_prefix.is_empty() {
+        escape_into(out, span.name_prefix);
+        sep = true;
+    }
+    if let Some(method) = &span.method {
+        if sep {
+            out.push(b' ');
         }
+        out.extend_from_slice(method.as_str().as_bytes());
+        sep = true;
     }
     if let Some(service) = span.service.as_ref().filter(|s| !s.is_empty()) {
         if sep {
