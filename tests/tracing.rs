@@ -268,6 +268,12 @@ async fn retries_are_separate_client_spans_and_sampling_follows_the_rules() {
     assert_eq!(aborted[0]["kind"], "SERVER");
     assert_eq!(aborted[0]["tags"]["mesh.fault"], "abort", "{}", aborted[0]);
     assert_eq!(aborted[0]["tags"]["mesh.error"], "fault-injected");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+            .await
+            .is_err(),
+        "no client span without an attempt"
+    );
 
     // Counted once the collector has answered, which is just after it received the spans: poll.
     let exported = "meshd_trace_spans_exported_total{exporter=\"zipkin\"}";

@@ -157,19 +157,22 @@ impl Tracer {
         start: SystemTime,
         o: Outcome<'_>,
     ) -> Option<Box<PendingSpan>> {
-        hop.sampled.then(|| Box::new(PendingSpan {
-            body_bytes: 0,
-            span: Some(self.span(
-                ids,
-                SpanKind::Client,
-                "",
-                start,
-                Duration::ZERO,
-                Vec::new(),
-                o,
-            )),
-            sink: self.sink.clone(),
-        }))
+        hop.sampled.then(|| {
+            Box::new(PendingSpan {
+                body_bytes: 0,
+                status_seen: false,
+                span: Some(self.span(
+                    ids,
+                    SpanKind::Client,
+                    "",
+                    start,
+                    Duration::ZERO,
+                    Vec::new(),
+                    o,
+                )),
+                sink: self.sink.clone(),
+            })
+        })
     }
 
     /// Records the client span of one attempt (when sampled).
@@ -233,6 +236,8 @@ pub struct PendingSpan {
     sink: TraceSink,
     /// Response body bytes seen so far (the size when the head declared none).
     body_bytes: u64,
+    /// The trailers carried a `grpc-status`; a call that ends without one failed (gRPC's rule).
+    status_seen: bool,
 }
 
 impl PendingSpan {
@@ -248,6 +253,7 @@ impl PendingSpan {
         if let Some(span) = &mut self.span {
             span.grpc_status = grpc_status;
         }
+        self.status_seen |= grpc_status.is_some();
     }
 
     /// The body broke mid-way.
@@ -260,6 +266,9 @@ impl PendingSpan {
     /// Records the span now (once).
     pub fn end(&mut self) {
         if let Some(mut span) = self.span.take() {
+            // No status: the stream ended without one, or the body was dropped before its end (the caller
+            // went away) — either way not a success.
+            span.error |= !self.status_seen;
             span.duration = span.start.elapsed().unwrap_or_default();
             span.response_bytes = span.response_bytes.or(Some(self.body_bytes));
             self.sink.record(span);

@@ -280,6 +280,8 @@ pub async fn run(
             };
         if can_retry {
             tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
+            // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.
+            drop(result);
             tokio::time::sleep(backoff).await;
             continue;
         }

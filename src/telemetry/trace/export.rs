@@ -199,21 +199,25 @@ impl Queue {
             inner.spans.push(span);
             inner.spans.len()
         };
-        if len == self.batch_size {
+        if len == self.batch_size.min(self.capacity) {
             self.ready.notify_one();
         }
         Pushed::Queued
     }
 
-    /// Up to one batch, oldest first.
-    fn take(&self) -> Vec<Span> {
+    /// Up to one batch, oldest first; a partial one only if `partial`.
+    fn take(&self, partial: bool) -> Vec<Span> {
+        // Room for the next batch, allocated before the lock is taken: pushes on the data path never
+        // reallocate (and copy spans), and never wait for this allocation.
+        let fresh = Vec::with_capacity(self.batch_size.min(self.capacity));
         let mut inner = self.lock();
-        if inner.spans.len() <= self.batch_size {
-            // Room for the next batch up front: pushes on the data path never reallocate (and copy spans).
-            let fresh = Vec::with_capacity(self.batch_size.min(self.capacity));
+        let len = inner.spans.len();
+        if len > self.batch_size {
+            inner.spans.drain(..self.batch_size).collect()
+        } else if len >= self.batch_size.min(self.capacity) || (partial && len > 0) {
             std::mem::replace(&mut inner.spans, fresh)
         } else {
-            inner.spans.drain(..self.batch_size).collect()
+            Vec::new()
         }
     }
 
@@ -425,15 +429,15 @@ impl Task {
         ticker.tick().await;
         let mut deadline: Option<Instant> = None;
         'wait: while deadline.is_none() {
-            tokio::select! {
+            // A full batch is sent as soon as it is there; what is left of one waits for the next tick.
+            let ticked = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = self.queue.ready.notified() => {}
-                _ = ticker.tick() => {}
-            }
-            // Send what is queued: full batches, then the partial one.
+                _ = self.queue.ready.notified() => false,
+                _ = ticker.tick() => true,
+            };
             loop {
-                let spans = self.queue.take();
+                let spans = self.queue.take(ticked);
                 if spans.is_empty() {
                     break;
                 }
@@ -469,7 +473,7 @@ impl Task {
     async fn final_flush(&self, until: Instant) {
         self.queue.close();
         loop {
-            let spans = self.queue.take();
+            let spans = self.queue.take(true);
             if spans.is_empty() {
                 break;
             }
