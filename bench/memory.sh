@@ -13,10 +13,8 @@ cd "$(dirname "$0")/.."
 
 CONNECTIONS=${CONNECTIONS:-5000}
 BURSTS=${BURSTS:-3}
-command -v python3 >/dev/null || {
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
-}
+. bench/lib.sh
+bench_need python3:python3
 # The client and the backend both hold CONNECTIONS sockets.
 ulimit -n "$(ulimit -Hn)"
 
@@ -41,15 +39,5 @@ cat "$work/table.md"
   echo "<!-- memory-bench:end -->"
 } >"$work/section.md"
 
-doc=docs/benchmarks.md
-if grep -q '<!-- memory-bench:start' "$doc"; then
-  awk -v section="$work/section.md" '
-    /<!-- memory-bench:start/ { while ((getline line < section) > 0) print line; skip = 1; next }
-    /<!-- memory-bench:end -->/ { skip = 0; next }
-    !skip { print }
-  ' "$doc" >"$work/doc.md"
-  cp "$work/doc.md" "$doc"
-else
-  { echo; cat "$work/section.md"; } >>"$doc"
-fi
-echo "wrote $doc"
+bench_section memory-bench "$work/section.md"
+echo "wrote docs/benchmarks.md"

@@ -22,28 +22,9 @@ CG_REQUESTS=${CG_REQUESTS:-2000}
 CG_ROUNDS=${CG_ROUNDS:-3}
 BACKEND_PORT=18080 MESHD_PORT=18140 MESHD_ADMIN=18990 MESHD_INBOUND=18143 NGINX_PORT=18081 HAPROXY_PORT=18082
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v ab >/dev/null || need+=(apache2-utils)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-cargo build --release --bin meshd >/dev/null
-MESHD=target/release/meshd
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/lib.sh
+bench_need wrk:wrk nginx:nginx-light haproxy:haproxy valgrind:valgrind ab:apache2-utils
+bench_start
 
 # The backend: nginx answering a fixed 2-byte body, keep-alive without a request limit.
 cat >"$work/backend.conf" <<EOF
@@ -122,7 +103,6 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round $t: $(echo "$out" | awk '/Requests\/sec/ {print $2}') req/s" >&2
   done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 # CPU cost per request under callgrind.
 instructions() {
@@ -146,7 +126,6 @@ per_request() {
   two=$(instructions $((CG_REQUESTS * 2)) "$bin")
   echo $(( (two - one) / CG_REQUESTS ))
 }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
 base=$(instructions 10)
 ours=() theirs=()
 for _ in $(seq "$CG_ROUNDS"); do
@@ -188,15 +167,5 @@ host_cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "<!-- proxy-bench:end -->"
 } >"$work/section.md"
 
-doc=docs/benchmarks.md
-[ -f "$doc" ] || printf '# Benchmarks\n\nMeasured, never asserted in tests. Each section says how to reproduce it.\n\n' >"$doc"
-if grep -q 'proxy-bench:start' "$doc"; then
-  awk -v f="$work/section.md" '
-    /proxy-bench:start/ { while ((getline line < f) > 0) print line; skip=1; next }
-    /proxy-bench:end/ { skip=0; next }
-    !skip { print }' "$doc" >"$work/doc.md"
-  cp "$work/doc.md" "$doc"
-else
-  { echo; cat "$work/section.md"; } >>"$doc"
-fi
+bench_section proxy-bench "$work/section.md"
 cat "$work/section.md"

@@ -17,26 +17,9 @@ CG_REQUESTS=${CG_REQUESTS:-2000}
 CG_ROUNDS=${CG_ROUNDS:-3}
 BACKEND_PORT=18380 COLLECTOR_PORT=18411 PORT=18340 ADMIN=18391 INBOUND=18344
 
-need=()
-command -v nginx >/dev/null || need+=(nginx-light)
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v ab >/dev/null || need+=(apache2-utils)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-
-cargo build --release --bin meshd >/dev/null
-MESHD=target/release/meshd
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+. bench/lib.sh
+bench_need nginx:nginx-light valgrind:valgrind ab:apache2-utils
+bench_start
 
 cat >"$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -87,8 +70,6 @@ config sampled "[tracing]
 sample_rate = 1.0
 $collector"
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
 
 instructions() { # setup, requests
   local out="$work/callgrind.$1.$2" bin=$MESHD config=$1
@@ -142,14 +123,5 @@ off=$(echo "${runs[off]}" | median)
   echo "<!-- tracing-bench:end -->"
 } >"$work/section.md"
 
-doc=docs/benchmarks.md
-if grep -q 'tracing-bench:start' "$doc"; then
-  awk -v f="$work/section.md" '
-    /tracing-bench:start/ { while ((getline line < f) > 0) print line; skip=1; next }
-    /tracing-bench:end/ { skip=0; next }
-    !skip { print }' "$doc" >"$work/doc.md"
-  cp "$work/doc.md" "$doc"
-else
-  { echo; cat "$work/section.md"; } >>"$doc"
-fi
+bench_section tracing-bench "$work/section.md"
 cat "$work/section.md"

@@ -313,3 +313,57 @@ impl Hop {
         crate::telemetry::trace::context::hex(&self.ids.trace_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracer() -> (Tracer, impl Fn() -> Vec<Span>) {
+        let (sink, recorded) = TraceSink::capturing();
+        let config = TracingConfig {
+            sample_rate: 1.0,
+            zipkin: None,
+            otlp: None,
+            record_headers: Vec::new(),
+        };
+        (Tracer::new(sink, &config, "node-a"), recorded)
+    }
+
+    fn pending(tracer: &Tracer) -> Box<PendingSpan> {
+        let hop = tracer.start(&HeaderMap::new()).unwrap();
+        let ids = hop.ids.child();
+        tracer
+            .client_pending(&hop, &ids, SystemTime::now(), Outcome::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pending_span_takes_the_trailers_status_and_counts_the_body() {
+        let (tracer, recorded) = tracer();
+        let mut span = pending(&tracer);
+        span.data(5);
+        span.data(12);
+        span.trailers(Some(0));
+        span.end();
+        drop(span);
+        let spans = recorded();
+        assert_eq!(spans.len(), 1, "recorded once, not again when dropped");
+        assert_eq!(spans[0].grpc_status, Some(0));
+        assert_eq!(spans[0].response_bytes, Some(17));
+        assert!(!spans[0].is_error());
+    }
+
+    #[test]
+    fn a_pending_span_without_a_status_is_an_error() {
+        let (tracer, recorded) = tracer();
+        // The stream ended without a grpc-status.
+        let mut span = pending(&tracer);
+        span.trailers(None);
+        span.end();
+        // The body was dropped before its end (the caller went away).
+        drop(pending(&tracer));
+        let spans = recorded();
+        assert_eq!(spans.len(), 2);
+        assert!(spans.iter().all(Span::is_error), "{spans:?}");
+    }
+}

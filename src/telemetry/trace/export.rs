@@ -253,6 +253,18 @@ impl TraceSink {
         self.count(last.push(span));
     }
 
+    /// A sink with one queue and no exporter, and a way to read what was recorded (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn capturing() -> (TraceSink, impl Fn() -> Vec<Span>) {
+        let queue = Arc::new(Queue::new(DEFAULT_QUEUE_CAPACITY, DEFAULT_BATCH_SIZE));
+        let sink = TraceSink {
+            queues: Arc::from(vec![Arc::clone(&queue)]),
+            queue_full: None,
+            closed: None,
+        };
+        (sink, move || queue.take(true))
+    }
+
     fn count(&self, pushed: Pushed) {
         let counter = match pushed {
             Pushed::Queued => return,
