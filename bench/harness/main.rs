@@ -20,6 +20,7 @@
 mod load;
 mod procs;
 mod report;
+mod swarm;
 mod targets;
 
 use std::io::{Read, Write};
@@ -44,6 +45,8 @@ pub struct Plan {
     pub max_duration: Duration,
     pub idle_connections: usize,
     pub cg_requests: u64,
+    /// Gossip members, meshd included.
+    pub members: usize,
 }
 
 impl Plan {
@@ -57,16 +60,18 @@ impl Plan {
                 max_duration: Duration::from_secs(1),
                 idle_connections: 500,
                 cg_requests: 200,
+                members: 50,
             }
         } else {
             Plan {
                 quick,
                 reps: 3,
                 rates: vec![1000, 5000, 20000],
-                rate_duration: Duration::from_secs(5),
-                max_duration: Duration::from_secs(5),
+                rate_duration: Duration::from_secs(4),
+                max_duration: Duration::from_secs(4),
                 idle_connections: 10_000,
                 cg_requests: 2000,
+                members: 1000,
             }
         }
     }
@@ -74,6 +79,8 @@ impl Plan {
 
 struct Args {
     quick: bool,
+    /// `--only PHASE`: one of one-core, gossip, all-cores, callgrind (the report then has gaps).
+    only: Option<String>,
     meshd: PathBuf,
     backend: PathBuf,
     oha: PathBuf,
@@ -84,6 +91,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut quick = false;
     let (mut meshd, mut backend, mut oha, mut results, mut docs) = (None, None, None, None, None);
+    let mut only: Option<PathBuf> = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let slot = match arg.as_str() {
@@ -96,6 +104,7 @@ fn parse_args() -> Result<Args, String> {
             "--oha" => &mut oha,
             "--results" => &mut results,
             "--docs" => &mut docs,
+            "--only" => &mut only,
             other => return Err(format!("unknown argument {other:?}")),
         };
         *slot = Some(PathBuf::from(
@@ -105,6 +114,7 @@ fn parse_args() -> Result<Args, String> {
     let need = |v: Option<PathBuf>, name: &str| v.ok_or(format!("--{name} is required"));
     Ok(Args {
         quick,
+        only: only.map(|p| p.to_string_lossy().into_owned()),
         meshd: need(meshd, "meshd")?,
         backend: need(backend, "backend")?,
         oha: need(oha, "oha")?,
@@ -150,16 +160,27 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let mut results = Results::default();
 
-    eprintln!("== one core: proxies on core 0, one thread; backend and load on the others");
-    one_core(&env, &oha, &plan, &mut results)?;
-    eprintln!("== all cores: one thread per core");
+    let phase = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    if phase("one-core") {
+        eprintln!("== one core: proxies on core 0, one thread; backend and load on the others");
+        one_core(&env, &oha, &plan, &mut results)?;
+    }
+    if phase("gossip") {
+        eprintln!("== gossip: meshd with {} members", plan.members);
+        gossip_members(&env, &oha, &plan, &mut results)?;
+    }
     let all_oha = Oha {
         cores: Cores::All.list(),
         ..oha
     };
-    all_cores(&env, &all_oha, &plan, &mut results)?;
-    eprintln!("== callgrind: instructions per request");
-    instructions(&env, &all_oha, &plan, &mut results)?;
+    if phase("all-cores") {
+        eprintln!("== all cores: one thread per core");
+        all_cores(&env, &all_oha, &plan, &mut results)?;
+    }
+    if phase("callgrind") {
+        eprintln!("== callgrind: instructions per request");
+        instructions(&env, &all_oha, &plan, &mut results)?;
+    }
 
     let doc = results.to_json(&plan, args, started.elapsed());
     std::fs::create_dir_all(&args.results).map_err(|e| e.to_string())?;
@@ -178,6 +199,16 @@ fn run(args: &Args) -> Result<(), String> {
     std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("wrote {}", path.display());
     report::write(&doc, &name, &args.docs)?;
+    if args.only.is_none() {
+        let missing = missing_figures(&doc);
+        if !missing.is_empty() {
+            return Err(format!(
+                "figures missing from {}: {}",
+                path.display(),
+                missing.join("; ")
+            ));
+        }
+    }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -216,6 +247,7 @@ impl Results {
                 "max_seconds": plan.max_duration.as_secs_f64(),
                 "idle_connections": plan.idle_connections,
                 "callgrind_requests": plan.cg_requests,
+                "gossip_members": plan.members,
             },
             "seconds": took.as_secs_f64().round(),
             "failed_requests": self.failures,
@@ -226,6 +258,49 @@ impl Results {
             "instructions": self.instructions,
         })
     }
+}
+
+/// Every figure that is missing, zero or not a number (a measurement that silently failed), by where it is.
+fn missing_figures(doc: &Value) -> Vec<String> {
+    let checks: [(&str, &[&str]); 5] = [
+        ("latency", &["p50_us", "p99_us", "p999_us", "rps"]),
+        ("cpu", &["cpu_s_per_1k"]),
+        ("throughput", &["rps"]),
+        ("instructions", &["per_request"]),
+        ("memory", &["mib"]),
+    ];
+    let mut out = Vec::new();
+    for (list, fields) in checks {
+        let rows = doc[list].as_array().map_or(&[][..], |v| v.as_slice());
+        if rows.is_empty() {
+            out.push(format!("{list}: no rows"));
+        }
+        for row in rows {
+            for field in fields {
+                // CPU time comes in 10 ms ticks: a short quick run may see none.
+                let least = if list == "cpu" {
+                    0.0
+                } else {
+                    f64::MIN_POSITIVE
+                };
+                if !row[*field]
+                    .as_f64()
+                    .is_some_and(|v| v.is_finite() && v >= least)
+                {
+                    out.push(format!(
+                        "{list} {} {} {}: {field}",
+                        row["target"],
+                        row["protocol"].as_str().unwrap_or(""),
+                        row["rate"]
+                            .as_u64()
+                            .map(|r| format!("{r}/s"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -351,6 +426,98 @@ fn one_core(env: &Env, oha: &Oha, plan: &Plan, results: &mut Results) -> Result<
         }));
     }
     Ok(())
+}
+
+/// meshd's resident memory as the first host of a cluster, alone and then with `plan.members` members (each
+/// publishing 20 endpoints) that joined through it.
+fn gossip_members(env: &Env, oha: &Oha, plan: &Plan, results: &mut Results) -> Result<(), String> {
+    let base = 19700;
+    let _backend = env.backend(Layout::OneCore)?;
+    let (t, seed) = env.meshd_gossip(base)?;
+    ready(&t, oha)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let alone = t.rss_mib();
+    let others = plan.members - 1;
+    let inbound = SocketAddr::from(([127, 0, 0, 1], base + 3));
+    let _swarm = swarm::start(others, seed, inbound, &env.keyring)?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(240);
+    // Every member alive, and each member's 20 endpoints in meshd's routing table.
+    let want = others * swarm::SERVICES * swarm::ENDPOINTS;
+    let (mut alive, mut endpoints) = (0, 0);
+    while Instant::now() < deadline {
+        alive = alive_members(Env::admin(base)).unwrap_or(0);
+        endpoints = gossip_endpoints(Env::admin(base)).unwrap_or(0);
+        if alive >= others && endpoints >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let joined = started.elapsed().as_secs_f64();
+    // The answers to /v1/services (megabytes at this size) are freed and purged back to the system by now.
+    std::thread::sleep(Duration::from_secs(10));
+    let mib = t.rss_mib();
+    let alive = alive_members(Env::admin(base)).unwrap_or(alive);
+    eprintln!(
+        "  gossip: alone {alone:.1} MiB; {} members alive, {endpoints} remote endpoints after {joined:.0} s; {mib:.1} MiB",
+        alive + 1
+    );
+    results.memory.push(json!({"target": "meshd", "scenario": "gossip", "state": "gossip, no members", "mib": alone}));
+    results.memory.push(json!({
+        "target": "meshd", "scenario": "gossip", "state": format!("{} gossip members", plan.members),
+        "mib": mib, "members_alive": alive + 1, "remote_endpoints": endpoints, "seconds_to_join": joined,
+    }));
+    if alive < others || endpoints < want {
+        return Err(format!(
+            "after {joined:.0} s meshd saw {} of {} gossip members alive and {endpoints} of {want} endpoints",
+            alive + 1,
+            plan.members
+        ));
+    }
+    Ok(())
+}
+
+/// `meshd_gossip_members{state="alive"}` from the admin API's /metrics.
+fn alive_members(admin: SocketAddr) -> Result<usize, String> {
+    let body = http_body(admin, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("meshd_gossip_members{state=\"alive\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as usize)
+        .ok_or("no meshd_gossip_members{state=\"alive\"} in /metrics".into())
+}
+
+/// How many endpoints `GET /v1/services` lists as learned by gossip.
+fn gossip_endpoints(admin: SocketAddr) -> Result<usize, String> {
+    let body = http_body(admin, "/v1/services")?;
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("/v1/services: {e}"))?;
+    let services = v["services"]
+        .as_array()
+        .or(v.as_array())
+        .ok_or("/v1/services: no list of services")?;
+    Ok(services
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .filter(|e| e["source"] == "gossip")
+        .count())
+}
+
+/// The body of a GET over HTTP/1.1 with `Connection: close`.
+fn http_body(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .ok_or("not an HTTP answer".into())
 }
 
 fn all_cores(env: &Env, oha: &Oha, plan: &Plan, results: &mut Results) -> Result<(), String> {
@@ -687,6 +854,9 @@ fn make_pki(env: &Env) -> Result<(), String> {
     }
     let key = meshd(&["gossip", "keygen"])?;
     std::fs::write(&env.keyring, key).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&env.keyring, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -570,6 +570,7 @@ fn bars(
                 .disable_x_mesh()
                 .x_labels(slots)
                 .x_label_formatter(&x_fmt)
+                .y_label_formatter(&|v: &f64| fmt_num(*v))
                 .y_desc(y_label)
                 .draw()
                 .map_err(|e| err(&e))?;
@@ -597,7 +598,7 @@ fn bars(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(SeriesLabelPosition::UpperRight)
                 .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
                 .draw()
@@ -607,7 +608,8 @@ fn bars(
     if log {
         draw!((1.0..top * 3.0).log_scale(), 1.0);
     } else {
-        draw!(0.0..top, 0.0);
+        // Room above the bars for the legend.
+        draw!(0.0..top * 1.3, 0.0);
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())

@@ -274,6 +274,33 @@ impl Env {
         })
     }
 
+    /// meshd as the first host of a gossip cluster (no seeds), for the members of [`crate::swarm`] to join.
+    pub fn meshd_gossip(&self, base: u16) -> Result<(Target, SocketAddr), String> {
+        let gossip = SocketAddr::from(([127, 0, 0, 1], base + 5));
+        let config = format!(
+            "{}[gossip]\nlisten = \"{gossip}\"\nkeyring = \"{}\"\n{}",
+            meshd_base("bench-gossip", base),
+            self.keyring.display(),
+            static_services()
+        );
+        let path = self.write("meshd-gossip.toml", &config)?;
+        let p = self.start_meshd("meshd-gossip", &path, Layout::OneCore)?;
+        Ok((
+            Target {
+                name: "meshd",
+                scenario: "gossip",
+                ports: [base; 3],
+                procs: vec![p],
+            },
+            gossip,
+        ))
+    }
+
+    /// The admin address of the meshd started from `base`.
+    pub fn admin(base: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], base + 9))
+    }
+
     /// HAProxy with one thread per core of the layout: one frontend per protocol, h2 to the backend for h2c
     /// and gRPC, connections to the backend reused.
     pub fn haproxy(&self, layout: Layout, base: u16) -> Result<Target, String> {
