@@ -26,8 +26,26 @@ impl Cores {
     }
 }
 
+/// The machine's online cores (not this process's affinity: bench/run keeps the harness off core 0).
 pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .map(|list| {
+                // "0-1", "0-3,6,8-9"
+                list.trim()
+                    .split(',')
+                    .map(|part| match part.split_once('-') {
+                        Some((a, b)) => (b.parse::<usize>().unwrap_or(0) + 1)
+                            .saturating_sub(a.parse::<usize>().unwrap_or(0)),
+                        None => 1,
+                    })
+                    .sum::<usize>()
+            })
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 /// A running process, killed (SIGTERM, then SIGKILL after 5 s) when dropped.
