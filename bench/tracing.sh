@@ -6,7 +6,7 @@
 #   CG_REQUESTS=4000 CG_ROUNDS=5 bash bench/tracing.sh
 #   BASELINE=/path/to/meshd-before-tracing bash bench/tracing.sh   # also "tracing off" against a build without it
 #
-# Method as in bench/proxy.sh: meshd under callgrind serving N and 2N keep-alive requests from ab (one client);
+# Method as in bench/run's callgrind phase: meshd under callgrind serving N and 2N keep-alive requests from ab (one client);
 # (Ir(2N) − Ir(N)) / N is the count per request with startup subtracted; CG_ROUNDS rounds, the three setups
 # interleaved, median and range reported. The backend and the collector are nginx (the collector answers 202
 # to every POST and keeps nothing). Everything listens on 127.0.0.1 only.
