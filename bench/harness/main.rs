@@ -143,6 +143,15 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<(), String> {
     let plan = Plan::new(args.quick);
     let started = Instant::now();
+    // The idle-connection run holds 10,000 sockets here, and the proxies (which inherit the limit) as many.
+    let limit = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| format!("raising the open-file limit: {e}"))?;
+    if (limit as usize) < plan.idle_connections + 1000 {
+        return Err(format!(
+            "the open-file limit is {limit}: {} idle connections need more (raise the hard limit)",
+            plan.idle_connections
+        ));
+    }
     let work = tempdir()?;
     let env = Env {
         meshd: args.meshd.clone(),
