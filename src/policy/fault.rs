@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
-pub const MESH_FAULT_DELAY: &str = "mesh-fault-delay";
-pub const MESH_FAULT_ABORT: &str = "mesh-fault-abort";
+pub const MESH_FAULT_DELAY: http::HeaderName = http::HeaderName::from_static("mesh-fault-delay");
+pub const MESH_FAULT_ABORT: http::HeaderName = http::HeaderName::from_static("mesh-fault-abort");
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct FaultConfig {

@@ -11,7 +11,7 @@ use super::headers::ensure_request_id;
 use super::is_grpc;
 
 /// The incoming W3C trace context header, carried through unchanged for log correlation.
-pub const TRACEPARENT: &str = "traceparent";
+use crate::telemetry::trace::context::TRACEPARENT;
 
 /// One request's context.
 #[derive(Debug)]

@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Uri, Version, header};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Body, Incoming};
 
-use super::target::{PER_HOP, Target};
+use super::target::Target;
 use super::{Outbound, Refusal, Served};
 use crate::config::ServicePolicy;
 use crate::config::policy::Conditions;
@@ -147,12 +147,14 @@ pub async fn run(
         let try_deadline = policy
             .per_try_timeout
             .map_or(t.deadline, |p| (now + p).min(t.deadline));
-        // Copy the head only when another send may need it.
+        // Copy the head only when another send may need it. The copy is the spare: this attempt takes the
+        // original, whose header table has room for what `for_endpoint` adds (a copy's has none).
         let last = attempt >= max_attempts && !resend_if_stale;
         let this_head = if last {
             std::mem::replace(&mut head, Request::new(()).into_parts().0)
         } else {
-            head.clone()
+            let spare = head.clone();
+            std::mem::replace(&mut head, spare)
         };
         let mut req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
         // A client span per attempt, its context in the attempt's headers (a stale resend is the same attempt).
@@ -306,20 +308,25 @@ pub async fn run(
 /// extended, the service named.
 pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
     strip_hop_by_hop(&mut head.headers);
-    // `Expect` is answered by meshd's own server; the rest are meshd's per-hop controls.
-    remove_all(&mut head.headers, &[header::EXPECT]);
-    remove_all(&mut head.headers, &PER_HOP);
-    remove_all(
-        &mut head.headers,
-        &[
-            HeaderName::from_static(fault::MESH_FAULT_DELAY),
-            HeaderName::from_static(fault::MESH_FAULT_ABORT),
-        ],
-    );
+    remove_all(&mut head.headers, &NOT_FORWARDED);
     append_forwarded_for(&mut head.headers, ctx.peer.ip());
     head.headers
         .insert(MESH_SERVICE, t.service.name_header.clone());
+    // Room for what each attempt adds (Host, TE, deadlines, a peer's controls, trace context), so that the
+    // copies made per attempt do not grow and rehash their tables.
+    head.headers.reserve(8);
 }
+
+/// Headers meshd consumes itself, whatever an app sends: `Expect` (answered by meshd's own server), the per-hop controls between
+/// agents and the fault-injection overrides. One list, so a request without any of them costs one pass.
+const NOT_FORWARDED: [HeaderName; 6] = [
+    header::EXPECT,
+    MESH_ENDPOINT,
+    MESH_ORIG_PROTO,
+    MESH_RETRYABLE,
+    fault::MESH_FAULT_DELAY,
+    fault::MESH_FAULT_ABORT,
+];
 
 /// Holds the body when it is empty, or when another send may need it and it is known to be small
 /// (Content-Length ≤ [`MAX_REPLAY_BODY`]). Bodies of unknown length are streamed and never retried: waiting

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderName, Request, Version, header};
+use http::{Request, Version, header};
 use hyper::body::Incoming;
 
 use super::{Outbound, Refusal};
@@ -257,13 +257,6 @@ fn service_name<'h>(config: &Config, host: &'h str) -> Result<Cow<'h, str>, Refu
     }
     Ok(name)
 }
-
-/// Headers meshd reads or writes itself on every hop: whatever an app sends is dropped.
-pub const PER_HOP: [HeaderName; 3] = [
-    crate::proxy::headers::MESH_ENDPOINT,
-    crate::proxy::headers::MESH_ORIG_PROTO,
-    crate::proxy::headers::MESH_RETRYABLE,
-];
 
 #[cfg(test)]
 mod tests {
