@@ -382,6 +382,28 @@ fn dev_banner(services: &[String]) -> String {
     out
 }
 
+/// The runtime: one worker thread per core meshd may run on (its CPU affinity and cgroup quota), or
+/// `TOKIO_WORKER_THREADS`. With a single core, one current-thread runtime: every task on the one thread, with
+/// no work-stealing queues, no cross-thread wake-ups and no separate driver thread to hand work to.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1);
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
 /// Runs the agent; `material` is TLS made in memory (`meshd dev`) instead of `[tls]` files.
 fn run(
     cfg: Config,
@@ -403,10 +425,7 @@ fn run(
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!(error = %e, "cannot start jemalloc's background purging");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshd: cannot start the runtime: {e}");
