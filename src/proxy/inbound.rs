@@ -115,7 +115,8 @@ impl Handler for InboundHandler {
                 duration: elapsed,
                 mesh_error,
                 ctx: &ctx,
-                response_bytes: crate::proxy::content_length(resp.headers()),
+                response: Some(resp.headers()),
+                window: None,
             });
             resp
         }

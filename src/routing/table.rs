@@ -226,6 +226,8 @@ pub struct ServiceState {
     pub rr: AtomicUsize,
     /// The service's outbound request metrics, resolved on first use.
     pub outbound_metrics: std::sync::OnceLock<crate::telemetry::metrics::ServiceMetrics>,
+    /// The service's outbound `/v1/stats` window, resolved on first use.
+    pub outbound_stats: std::sync::OnceLock<Option<crate::telemetry::requests::StatsWindow>>,
     budget: Mutex<RetryBudget>,
     bucket: Mutex<Option<TokenBucket>>,
     /// Held while deciding whether one more endpoint may be ejected, so two breakers tripping at once cannot
@@ -238,6 +240,7 @@ impl ServiceState {
         ServiceState {
             rr: AtomicUsize::new(0),
             outbound_metrics: std::sync::OnceLock::new(),
+            outbound_stats: std::sync::OnceLock::new(),
             budget: Mutex::new(RetryBudget::new(now)),
             bucket: Mutex::new(None),
             ejection: Mutex::new(()),

@@ -71,10 +71,18 @@ pub struct Finished<'a> {
     pub duration: Duration,
     pub mesh_error: Option<&'static str>,
     pub ctx: &'a crate::proxy::ctx::RequestCtx,
-    pub response_bytes: Option<u64>,
+    /// The response's head, when there is one from upstream (its `Content-Length` is read only when a span, the
+    /// tap or the access log needs it).
+    pub response: Option<&'a http::HeaderMap>,
+    /// The service's `/v1/stats` window when the caller holds it (else it is looked up by name).
+    pub window: Option<&'a StatsWindow>,
 }
 
 impl Finished<'_> {
+    fn response_bytes(&self) -> Option<u64> {
+        self.response.and_then(crate::proxy::content_length)
+    }
+
     /// A request failed in the caller's eyes: a 5xx, meshd's own error, or a gRPC error status.
     fn failed(&self) -> bool {
         self.status.is_server_error()
@@ -103,7 +111,7 @@ impl Finished<'_> {
                 .map(str::to_string),
             trace_id: ctx.trace_id(),
             request_bytes: ctx.request_bytes,
-            response_bytes: self.response_bytes,
+            response_bytes: self.response_bytes(),
         }
     }
 }
@@ -157,8 +165,12 @@ impl Observers {
     }
 
     pub fn record(&self, f: Finished<'_>) {
-        self.stats
-            .record(f.direction, f.service, f.duration, f.failed());
+        match f.window {
+            Some(w) => w.record(f.duration, f.failed()),
+            None => self
+                .stats
+                .record(f.direction, f.service, f.duration, f.failed()),
+        }
         if f.ctx.hop.as_ref().is_some_and(|h| h.sampled) {
             self.tracer.server(
                 f.ctx.hop.as_deref(),
@@ -182,7 +194,7 @@ impl Observers {
                     breaker: None,
                     fault: f.ctx.fault,
                     request_bytes: f.ctx.request_bytes,
-                    response_bytes: f.response_bytes,
+                    response_bytes: f.response_bytes(),
                 },
             );
         }
@@ -346,9 +358,41 @@ pub struct Figures {
     pub p99_ms: Option<f64>,
 }
 
+/// One service's window in one direction, held by the caller so that a request records without looking the
+/// service up by name (a lock and a hashed lookup per request).
+#[derive(Clone)]
+pub struct StatsWindow(Arc<Mutex<Window>>);
+
+impl std::fmt::Debug for StatsWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsWindow")
+    }
+}
+
+impl StatsWindow {
+    pub fn record(&self, latency: Duration, failed: bool) {
+        record_in(&self.0, latency, failed, SystemTime::now());
+    }
+}
+
 impl Stats {
     pub fn record(&self, direction: Direction, service: &str, latency: Duration, failed: bool) {
         self.record_at(direction, service, latency, failed, SystemTime::now());
+    }
+
+    /// The window of `service` in `direction`, made on first use; it lives as long as these stats.
+    pub fn window(&self, direction: Direction, service: &str) -> Option<StatsWindow> {
+        let map = &self.services[side(direction)];
+        let found = map.read().ok().and_then(|m| m.get(service).cloned());
+        match found {
+            Some(w) => Some(StatsWindow(w)),
+            None => match map.write() {
+                Ok(mut m) => Some(StatsWindow(
+                    m.entry(service.to_string()).or_default().clone(),
+                )),
+                Err(_) => None,
+            },
+        }
     }
 
     fn record_at(
@@ -359,31 +403,28 @@ impl Stats {
         failed: bool,
         now: SystemTime,
     ) {
-        let map = &self.services[side(direction)];
-        let window = {
-            let found = map.read().ok().and_then(|m| m.get(service).cloned());
-            match found {
-                Some(w) => w,
-                None => match map.write() {
-                    Ok(mut m) => m.entry(service.to_string()).or_default().clone(),
-                    Err(_) => return,
-                },
-            }
-        };
-        let second = unix_second(now);
-        let Ok(mut w) = window.lock() else { return };
-        let slot = &mut w.slots[(second % WINDOW_SLOTS as u64) as usize];
-        if slot.second != second {
-            slot.second = second;
-            slot.requests = 0;
-            slot.failures = 0;
-            slot.latency = [0; BUCKETS];
+        if let Some(w) = self.window(direction, service) {
+            record_in(&w.0, latency, failed, now);
         }
-        slot.requests += 1;
-        slot.failures += u64::from(failed);
-        slot.latency[bucket(latency)] += 1;
     }
+}
 
+fn record_in(window: &Mutex<Window>, latency: Duration, failed: bool, now: SystemTime) {
+    let second = unix_second(now);
+    let Ok(mut w) = window.lock() else { return };
+    let slot = &mut w.slots[(second % WINDOW_SLOTS as u64) as usize];
+    if slot.second != second {
+        slot.second = second;
+        slot.requests = 0;
+        slot.failures = 0;
+        slot.latency = [0; BUCKETS];
+    }
+    slot.requests += 1;
+    slot.failures += u64::from(failed);
+    slot.latency[bucket(latency)] += 1;
+}
+
+impl Stats {
     /// Every (direction, service) seen, over the last `window` (1 to 60 s; the current second counts as one).
     pub fn figures(&self, window: Duration) -> Vec<Figures> {
         self.figures_at(window, SystemTime::now())

@@ -173,7 +173,8 @@ impl Outbound {
                     duration: elapsed,
                     mesh_error: Some(r.error.code()),
                     ctx,
-                    response_bytes: None,
+                    response: None,
+                    window: None,
                 });
                 (resp, Some(status), None, Some(r.error.code()))
             }
@@ -199,15 +200,29 @@ impl Outbound {
                 .outbound_metrics
                 .get_or_init(|| self.metrics.for_service(Direction::Outbound, &service.name))
                 .record(status, elapsed);
+            let window = service
+                .state
+                .outbound_stats
+                .get_or_init(|| {
+                    self.observers
+                        .stats
+                        .window(Direction::Outbound, &service.name)
+                })
+                .as_ref();
             self.observers.record(Finished {
                 direction: Direction::Outbound,
                 service: &service.name,
                 status,
-                grpc_status: crate::proxy::grpc_status_of(resp.headers()),
+                // Only a gRPC request's response means anything by it.
+                grpc_status: ctx
+                    .grpc
+                    .then(|| crate::proxy::grpc_status_of(resp.headers()))
+                    .flatten(),
                 duration: elapsed,
                 mesh_error,
                 ctx,
-                response_bytes: crate::proxy::content_length(resp.headers()),
+                response: Some(resp.headers()),
+                window,
             });
         }
         resp

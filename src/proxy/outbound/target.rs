@@ -232,7 +232,10 @@ pub fn routed_authority<B>(req: &Request<B>) -> Result<Authority, Refusal> {
 fn service_name<'h>(config: &Config, host: &'h str) -> Result<Cow<'h, str>, Refusal> {
     let host = host.trim_end_matches('.');
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if bare.parse::<IpAddr>().is_ok() {
+    // Only something made of digits and dots (IPv4) or holding a colon (IPv6) can be an address: a name is
+    // not sent through the address parser (which reads `bench` as the start of an IPv6 address).
+    let maybe_address = bare.contains(':') || bare.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if maybe_address && bare.parse::<IpAddr>().is_ok() {
         return Err(Refusal::new(
             None,
             MeshError::Forbidden,
