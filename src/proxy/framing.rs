@@ -292,6 +292,13 @@ enum Body {
 /// Parses the head at the start of `buf` with httparse (the parser hyper uses, so both find the same end) and
 /// judges its framing, in one pass.
 fn parse_head(buf: &[u8]) -> Parsed {
+    match plain_head(buf) {
+        Some(n) => Parsed::Complete(n, (Framing::Ok, Body::None)),
+        None => parse_head_fully(buf),
+    }
+}
+
+fn parse_head_fully(buf: &[u8]) -> Parsed {
     let mut headers =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -301,6 +308,53 @@ fn parse_head(buf: &[u8]) -> Parsed {
         Err(_) => return Parsed::Invalid,
     };
     Parsed::Complete(n, judge(&buf[..n], req.headers))
+}
+
+/// The length of the complete head at the start of `buf` when judging it needs no full parse: every line ends
+/// in CRLF and no header field can be `Content-Length` or `Transfer-Encoding` (a name that merely starts like
+/// one counts), so the request has no body and its framing is unambiguous — what [`judge`] would conclude. Most
+/// requests (GET, HEAD, DELETE without a body) are such heads; `None` sends the rest to the full parse.
+///
+/// The head ends at the first blank line, as httparse ends it: with every line feed after a carriage return,
+/// the first `\r\n\r\n` is that blank line. A head httparse would reject (a malformed request line or field)
+/// may be judged plain here; hyper, which parses it the same way, answers 400 and closes the connection
+/// before any handler could act on the verdict.
+fn plain_head(buf: &[u8]) -> Option<usize> {
+    let mut line_feeds = memchr::memchr_iter(b'\n', buf);
+    // A request line that is not `METHOD SP target SP HTTP/1.x` CRLF (empty lines first, garbage, another
+    // protocol) is left to the full parse, which skips the empty lines and fails closed on the rest.
+    let mut lf = line_feeds.next()?;
+    let request_line = &buf[..lf];
+    let method_len = request_line.iter().position(|&b| !is_tchar(b))?;
+    if method_len == 0
+        || request_line[method_len] != b' '
+        || !(request_line.ends_with(b" HTTP/1.1\r") || request_line.ends_with(b" HTTP/1.0\r"))
+    {
+        return None;
+    }
+    loop {
+        // The line after this line feed: the blank line that ends the head, or a field line.
+        let line = &buf[lf + 1..];
+        if line.starts_with(b"\r\n") {
+            return Some(lf + 3);
+        }
+        let named = |name: &[u8]| {
+            line.get(..name.len())
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        };
+        if named(b"content-length") || named(b"transfer-encoding") {
+            return None;
+        }
+        lf = line_feeds.next()?;
+        if buf[lf - 1] != b'\r' {
+            return None;
+        }
+    }
+}
+
+/// A byte of a token (RFC 9110 §5.6.2), such as a method.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The verdict on a complete request head, and how its body is framed.
@@ -455,6 +509,71 @@ mod tests {
         .into_bytes();
         stream.extend_from_slice(body);
         assert_eq!(run(&[&stream]), (vec![Framing::Ok], false));
+    }
+
+    proptest! {
+        /// Whatever the quick path judges plain, the full parse judges the same (head length, no body, Ok) —
+        /// or rejects, as hyper then does.
+        #[test]
+        fn the_quick_path_agrees_with_the_full_parse(
+            lines in proptest::collection::vec(
+                prop::sample::select(vec![
+                    "Host: x", "X: y", "Content-Length: 3", "content-LENGTH: 0", "Content-Length : 3",
+                    "Transfer-Encoding: chunked", "transfer-encodinG: gzip", "Content-Lengthy: 1",
+                    "Cookie: a=1\r", "X: \ry", "", " folded", "Accept: */*",
+                ]),
+                0..6,
+            ),
+            request_line in prop::sample::select(vec!["GET / HTTP/1.1", "POST /p HTTP/1.1", "get /x HTTP/1.0", "\r\nGET / HTTP/1.1", "BAD"]),
+            ending in prop::sample::select(vec!["\r\n", "\n", "\r\n\r\n", ""]),
+            bare_lf in any::<bool>(),
+            tail in prop::sample::select(vec!["", "GET /next HTTP/1.1\r\n\r\n", "hello"]),
+        ) {
+            let eol = if bare_lf { "\n" } else { "\r\n" };
+            let mut head = format!("{request_line}{eol}");
+            for l in &lines {
+                head.push_str(l);
+                head.push_str(eol);
+            }
+            head.push_str(ending);
+            head.push_str(tail);
+            let buf = head.as_bytes();
+            if let Some(n) = plain_head(buf) {
+                match parse_head_fully(buf) {
+                    Parsed::Complete(m, verdict) => {
+                        prop_assert_eq!(m, n);
+                        prop_assert_eq!(verdict, (Framing::Ok, Body::None));
+                    }
+                    Parsed::Invalid => {}
+                    Parsed::Partial => prop_assert!(false, "plain but partial: {head:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plain_heads_take_the_quick_path() {
+        assert_eq!(
+            plain_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET"),
+            Some(27)
+        );
+        for not_plain in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            b"\x00\x01garbage\r\n\r\n",
+            b"GET / SSH-2.0\r\n\r\n",
+            b" GET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                plain_head(not_plain),
+                None,
+                "{}",
+                String::from_utf8_lossy(not_plain)
+            );
+        }
     }
 
     #[test]
