@@ -386,10 +386,14 @@ fn dev_banner(services: &[String]) -> String {
 /// `TOKIO_WORKER_THREADS`. With a single core, one current-thread runtime: every task on the one thread, with
 /// no work-stealing queues, no cross-thread wake-ups and no separate driver thread to hand work to.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
+    let configured = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| {
+        let n = v.trim().parse::<usize>().ok().filter(|n| *n > 0);
+        if n.is_none() {
+            tracing::warn!(value = %v, "TOKIO_WORKER_THREADS is not a positive number; using one thread per core");
+        }
+        n
+    });
+    let threads = configured
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1);
     if threads == 1 {

@@ -318,7 +318,8 @@ fn parse_head_fully(buf: &[u8]) -> Parsed {
 /// The head ends at the first blank line, as httparse ends it: with every line feed after a carriage return,
 /// the first `\r\n\r\n` is that blank line. A head httparse would reject (a malformed request line or field)
 /// may be judged plain here; hyper, which parses it the same way, answers 400 and closes the connection
-/// before any handler could act on the verdict.
+/// before any handler could act on the verdict. This rests on hyper's server keeping httparse's default request
+/// parsing: an option that loosens it (ignoring invalid header lines, say) would need it thought through again.
 fn plain_head(buf: &[u8]) -> Option<usize> {
     let mut line_feeds = memchr::memchr_iter(b'\n', buf);
     // A request line that is not `METHOD SP target SP HTTP/1.x` CRLF (empty lines first, garbage, another

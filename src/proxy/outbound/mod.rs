@@ -213,11 +213,7 @@ impl Outbound {
                 direction: Direction::Outbound,
                 service: &service.name,
                 status,
-                // Only a gRPC request's response means anything by it.
-                grpc_status: ctx
-                    .grpc
-                    .then(|| crate::proxy::grpc_status_of(resp.headers()))
-                    .flatten(),
+                grpc_status: crate::proxy::grpc_status_of(resp.headers()),
                 duration: elapsed,
                 mesh_error,
                 ctx,
