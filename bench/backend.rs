@@ -54,17 +54,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     }
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
-    let result = rt.and_then(|rt| rt.block_on(serve(listen)));
+    let result = meshd::util::runtime::build(threads).and_then(|rt| rt.block_on(serve(listen)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

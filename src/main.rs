@@ -383,8 +383,7 @@ fn dev_banner(services: &[String]) -> String {
 }
 
 /// The runtime: one worker thread per core meshd may run on (its CPU affinity and cgroup quota), or
-/// `TOKIO_WORKER_THREADS`. With a single core, one current-thread runtime: every task on the one thread, with
-/// no work-stealing queues, no cross-thread wake-ups and no separate driver thread to hand work to.
+/// `TOKIO_WORKER_THREADS`; with a single core, one current-thread runtime.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let configured = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| {
         let n = v.trim().parse::<usize>().ok().filter(|n| *n > 0);
@@ -396,16 +395,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let threads = configured
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1);
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
+    meshd::util::runtime::build(threads)
 }
 
 /// Runs the agent; `material` is TLS made in memory (`meshd dev`) instead of `[tls]` files.

@@ -498,10 +498,21 @@ async fn second_signal_exits_at_once() {
 
 /// Starts `meshd run --config path` and reads its outbound address from its log.
 fn spawn_run(path: &std::path::Path) -> (Proc, std::net::SocketAddr) {
+    let (child, outbound, _) = spawn_run_with(path, &[]);
+    (child, outbound)
+}
+
+/// As [`spawn_run`], with `env` added to meshd's environment; also returns the log lines up to the outbound
+/// listener's.
+fn spawn_run_with(
+    path: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Proc, std::net::SocketAddr, Vec<String>) {
     let mut child = Command::new(MESHD)
         .args(["run", "--config"])
         .arg(path)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -515,20 +526,79 @@ fn spawn_run(path: &std::path::Path) -> (Proc, std::net::SocketAddr) {
         }
     });
     let mut outbound = None;
+    let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while outbound.is_none() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && line.contains("listening")
-            && line.contains("outbound")
-        {
-            outbound = line.split_whitespace().find_map(|w| {
-                w.strip_prefix("addr=")
-                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-            });
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains("listening") && line.contains("outbound") {
+                outbound = line.split_whitespace().find_map(|w| {
+                    w.strip_prefix("addr=")
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                });
+            }
+            lines.push(line);
         }
     }
     let outbound = outbound.expect("agent logged its outbound address");
-    (Proc(Some(child)), outbound)
+    (Proc(Some(child)), outbound, lines)
+}
+
+/// The runtime's worker threads of process `pid` (tokio names them `tokio-rt-worker`).
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[tokio::test]
+async fn one_core_runs_everything_on_one_thread_and_more_cores_get_a_worker_each() {
+    let b = backend("threads").await;
+    let config = format!(
+        "{}\n[[discovery.static]]\nservice = \"hello\"\nendpoints = [\"{}\"]\n",
+        agent_config("127.0.0.1", ""),
+        b.addr
+    );
+    let cfg = write_config(&config);
+    for (threads, workers) in [("1", 0), ("2", 2)] {
+        let (child, outbound, _) = spawn_run_with(&cfg.0, &[("TOKIO_WORKER_THREADS", threads)]);
+        let req = http::Request::get(format!("http://{outbound}/"))
+            .header("host", "hello")
+            .body(full(""))
+            .unwrap();
+        assert_eq!(
+            read(h1_client().request(req).await.unwrap()).await.status,
+            StatusCode::OK,
+            "{threads} thread(s)"
+        );
+        assert_eq!(
+            runtime_workers(child.id()),
+            workers,
+            "TOKIO_WORKER_THREADS={threads}"
+        );
+    }
+    // A value that is not a positive number is named in the log, and meshd runs with one thread per core.
+    let (child, outbound, lines) = spawn_run_with(&cfg.0, &[("TOKIO_WORKER_THREADS", "lots")]);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("TOKIO_WORKER_THREADS") && l.contains("lots")),
+        "{lines:?}"
+    );
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(
+        runtime_workers(child.id()),
+        if cores > 1 { cores } else { 0 }
+    );
+    let req = http::Request::get(format!("http://{outbound}/"))
+        .header("host", "hello")
+        .body(full(""))
+        .unwrap();
+    assert_eq!(
+        read(h1_client().request(req).await.unwrap()).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -9,8 +9,6 @@ use http::{HeaderValue, Request, Version};
 
 use super::headers::ensure_request_id;
 use super::is_grpc;
-
-/// The incoming W3C trace context header, carried through unchanged for log correlation.
 use crate::telemetry::trace::context::TRACEPARENT;
 
 /// One request's context.

@@ -371,7 +371,22 @@ impl std::fmt::Debug for StatsWindow {
 
 impl StatsWindow {
     pub fn record(&self, latency: Duration, failed: bool) {
-        record_in(&self.0, latency, failed, SystemTime::now());
+        self.record_at(latency, failed, SystemTime::now());
+    }
+
+    fn record_at(&self, latency: Duration, failed: bool, now: SystemTime) {
+        let second = unix_second(now);
+        let Ok(mut w) = self.0.lock() else { return };
+        let slot = &mut w.slots[(second % WINDOW_SLOTS as u64) as usize];
+        if slot.second != second {
+            slot.second = second;
+            slot.requests = 0;
+            slot.failures = 0;
+            slot.latency = [0; BUCKETS];
+        }
+        slot.requests += 1;
+        slot.failures += u64::from(failed);
+        slot.latency[bucket(latency)] += 1;
     }
 }
 
@@ -404,27 +419,10 @@ impl Stats {
         now: SystemTime,
     ) {
         if let Some(w) = self.window(direction, service) {
-            record_in(&w.0, latency, failed, now);
+            w.record_at(latency, failed, now);
         }
     }
-}
 
-fn record_in(window: &Mutex<Window>, latency: Duration, failed: bool, now: SystemTime) {
-    let second = unix_second(now);
-    let Ok(mut w) = window.lock() else { return };
-    let slot = &mut w.slots[(second % WINDOW_SLOTS as u64) as usize];
-    if slot.second != second {
-        slot.second = second;
-        slot.requests = 0;
-        slot.failures = 0;
-        slot.latency = [0; BUCKETS];
-    }
-    slot.requests += 1;
-    slot.failures += u64::from(failed);
-    slot.latency[bucket(latency)] += 1;
-}
-
-impl Stats {
     /// Every (direction, service) seen, over the last `window` (1 to 60 s; the current second counts as one).
     pub fn figures(&self, window: Duration) -> Vec<Figures> {
         self.figures_at(window, SystemTime::now())

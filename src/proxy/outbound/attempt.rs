@@ -312,13 +312,14 @@ pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
     append_forwarded_for(&mut head.headers, ctx.peer.ip());
     head.headers
         .insert(MESH_SERVICE, t.service.name_header.clone());
-    // Room for what each attempt adds (Host, TE, deadlines, a peer's controls, trace context), so that the
-    // copies made per attempt do not grow and rehash their tables.
+    // Room for what an attempt adds (Host, TE, deadlines, a peer's controls, trace context): the attempt sends
+    // this head, so it does not grow and rehash the table (the spare copy kept for a resend has no room).
     head.headers.reserve(8);
 }
 
-/// Headers meshd consumes itself, whatever an app sends: `Expect` (answered by meshd's own server), the per-hop controls between
-/// agents and the fault-injection overrides. One list, so a request without any of them costs one pass.
+/// Headers meshd consumes itself, whatever an app sends: `Expect` (answered by meshd's own server), the
+/// per-hop controls between agents and the fault-injection overrides. One list, so a request without any of
+/// them costs one pass.
 const NOT_FORWARDED: [HeaderName; 6] = [
     header::EXPECT,
     MESH_ENDPOINT,
