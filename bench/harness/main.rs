@@ -13,6 +13,8 @@
 //! 2. **all cores**: every process on every core, one thread (or worker) per core: maximum throughput.
 //! 3. **callgrind**: each one-hop proxy under valgrind serving N and then 2N sequential keep-alive requests;
 //!    (Ir(2N) − Ir(N)) / N is the instruction count per request with start-up and shutdown subtracted.
+//!    Counting is switched on (`callgrind_control --instr=on`) only once the proxy answers, so neither its
+//!    start-up nor the readiness probes, whose number varies run to run, enter either total.
 //!
 //! Results go to `DIR/<timestamp>.json`; the report (tables, SVG charts) to `DOCS/benchmarks.md` and
 //! `DOCS/bench/*.svg`.
@@ -626,6 +628,9 @@ fn callgrind_total(
         prefix: vec![
             "valgrind".into(),
             "--tool=callgrind".into(),
+            // Counting starts once the proxy is ready (below): start-up, and the readiness probes whose number
+            // varies with how long start-up takes under valgrind, stay out of the total.
+            "--instr-atstart=no".into(),
             format!("--callgrind-out-file={}", out.display()),
         ],
         meshd: env.meshd.clone(),
@@ -637,6 +642,19 @@ fn callgrind_total(
     let target = start(&cg_env, Layout::OneCore, 19800)?;
     // Under valgrind a start takes seconds.
     ready_within(&target, oha, Duration::from_secs(120))?;
+    for p in &target.procs {
+        let on = Command::new("callgrind_control")
+            .args(["--instr=on", &p.pid().to_string()])
+            .output()
+            .map_err(|e| format!("callgrind_control: {e}"))?;
+        if !on.status.success() {
+            return Err(format!(
+                "callgrind_control --instr=on {}: {}",
+                p.pid(),
+                String::from_utf8_lossy(&on.stderr)
+            ));
+        }
+    }
     let f = oha.run(
         target.addr(Proto::H1),
         Proto::H1,

@@ -361,7 +361,7 @@ fn section(md: &mut String, doc: &Value, results_name: &str) {
         md,
         "\nEach proxy under `valgrind --tool=callgrind` serves N and then 2N sequential keep-alive requests (N = {}); \
          (Ir(2N) − Ir(N)) / N counts one request's instructions with start-up and shutdown subtracted, in every \
-         thread of the process.\n",
+         thread of the process. Counting starts once the proxy answers (`callgrind_control --instr=on`).\n",
         doc["plan"]["callgrind_requests"]
     );
 
