@@ -48,19 +48,24 @@ impl PeakEwma {
         }
     }
 
-    fn decayed(&self, now: Instant) -> f64 {
+    /// How much of the estimate is left after the time since the last sample.
+    fn decay(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
-        self.rtt * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+        (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        self.rtt * self.decay(now)
     }
 
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let current = self.decayed(now);
+        // One `exp` for both the decayed estimate and the sample's weight.
+        let w = self.decay(now);
+        let current = self.rtt * w;
         self.rtt = if rtt > current {
             rtt
         } else {
-            let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
-            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
             current * w + rtt * (1.0 - w)
         };
         self.stamp = now;

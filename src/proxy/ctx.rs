@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Version};
 
-use super::headers::ensure_request_id;
-use super::is_grpc;
+use super::headers::{Present, ensure_request_id};
 use crate::telemetry::trace::context::TRACEPARENT;
 
 /// One request's context.
@@ -45,32 +44,40 @@ pub struct RequestCtx {
     pub hop: Option<Box<super::spans::Hop>>,
     /// The fault injected into this request, if any: `delay`, `abort` or `delay+abort` (for its server span).
     pub fault: Option<&'static str>,
+    /// Which of the headers meshd reads the client sent.
+    pub sent: Present,
 }
 
 impl RequestCtx {
     /// The context of a request just received from `peer`; gives it a request id if it has none.
     pub fn new<B>(req: &mut Request<B>, peer: SocketAddr) -> Self {
+        let received = Instant::now();
+        let sent = Present::scan(req.headers());
+        let headers = req.headers_mut();
         RequestCtx {
-            received: Instant::now(),
+            received,
             peer,
             peer_identity: None,
-            request_id: ensure_request_id(req.headers_mut()),
-            trace: req.headers().get(TRACEPARENT).cloned(),
-            grpc: is_grpc(req),
+            request_id: ensure_request_id(headers, sent.any(Present::REQUEST_ID)),
+            trace: sent
+                .any(Present::TRACEPARENT)
+                .then(|| headers.get(TRACEPARENT).cloned())
+                .flatten(),
+            grpc: sent.any(Present::CONTENT_TYPE) && super::is_grpc(req),
             version: req.version(),
             service: None,
             deadline: None,
             attempt: 0,
             method: req.method().clone(),
             target: req.uri().path_and_query().cloned(),
-            request_bytes: req
-                .headers()
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
+            request_bytes: sent
+                .any(Present::CONTENT_LENGTH)
+                .then(|| super::content_length(req.headers()))
+                .flatten(),
             endpoint: None,
             hop: None,
             fault: None,
+            sent,
         }
     }
 

@@ -21,9 +21,81 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// Constants rather than `&str` keys: a lookup by string parses the name first, on every request.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
+/// Which of the request headers meshd reads were in a request as it arrived. Found in one pass over the names
+/// ([`Present::scan`]), so the lookups of absent ones — most of them, on most requests — are skipped: each
+/// lookup hashes its name, and the mesh's own names are long. It describes the headers as received; code that
+/// later adds or removes a header does not update it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present(u16);
+
+impl Present {
+    pub const NONE: Present = Present(0);
+    pub const REQUEST_ID: Present = Present(1);
+    pub const TRACEPARENT: Present = Present(1 << 1);
+    pub const CONTENT_TYPE: Present = Present(1 << 2);
+    pub const CONTENT_LENGTH: Present = Present(1 << 3);
+    pub const DEADLINE: Present = Present(1 << 4);
+    pub const GRPC_TIMEOUT: Present = Present(1 << 5);
+    pub const FORWARDED_FOR: Present = Present(1 << 6);
+    pub const COOKIE: Present = Present(1 << 7);
+    pub const EXPECT: Present = Present(1 << 8);
+    /// Any of [`HOP_BY_HOP`] (`Connection`, `Upgrade` and `TE` among them).
+    pub const HOP_BY_HOP: Present = Present(1 << 9);
+    /// Any other `mesh-` name than `mesh-request-id`: the per-hop controls between agents
+    /// (`mesh-retryable`, `mesh-endpoint`, …) and the fault overrides.
+    pub const MESH_CONTROL: Present = Present(1 << 10);
+    /// `grpc-status` (a response's, in its head: a trailers-only gRPC response).
+    pub const GRPC_STATUS: Present = Present(1 << 11);
+
+    /// The headers of `headers` meshd looks at.
+    pub fn scan(headers: &HeaderMap) -> Present {
+        let mut found = 0;
+        for name in headers.keys() {
+            let s = name.as_str();
+            found |= match s {
+                "mesh-request-id" => Self::REQUEST_ID.0,
+                "traceparent" => Self::TRACEPARENT.0,
+                "content-type" => Self::CONTENT_TYPE.0,
+                "content-length" => Self::CONTENT_LENGTH.0,
+                "mesh-deadline" => Self::DEADLINE.0 | Self::MESH_CONTROL.0,
+                "grpc-timeout" => Self::GRPC_TIMEOUT.0,
+                "x-forwarded-for" => Self::FORWARDED_FOR.0,
+                "cookie" => Self::COOKIE.0,
+                "expect" => Self::EXPECT.0,
+                "grpc-status" => Self::GRPC_STATUS.0,
+                // HOP_BY_HOP's names (a test holds the two lists together).
+                "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "transfer-encoding"
+                | "upgrade" => Self::HOP_BY_HOP.0,
+                _ if s.starts_with("mesh-") => Self::MESH_CONTROL.0,
+                _ => 0,
+            };
+        }
+        Present(found)
+    }
+
+    /// Whether any of `names` was present.
+    pub fn any(self, names: Present) -> bool {
+        self.0 & names.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Present {
+    type Output = Present;
+    fn bitor(self, other: Present) -> Present {
+        Present(self.0 | other.0)
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the old `Proxy-Connection`. `Trailer` is not among them: it
 /// announces the trailer fields of this message, end to end (RFC 9110 §6.6.2).
-const HOP_BY_HOP: [HeaderName; 8] = [
+// A `static`, not a `const`: a `const` array of names is built and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -88,8 +160,14 @@ pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
-/// Appends the client's address to `X-Forwarded-For`.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+/// Appends the client's address (`client`, from [`address_value`]) to `X-Forwarded-For`. `had`: the request
+/// arrived with an `X-Forwarded-For` ([`Present::FORWARDED_FOR`]); without one the address is the whole value,
+/// and a connection's requests share the one the connection made.
+pub fn append_forwarded_for(headers: &mut HeaderMap, had: bool, client: &HeaderValue) {
+    if !had {
+        headers.insert(X_FORWARDED_FOR, client.clone());
+        return;
+    }
     // Several X-Forwarded-For lines form one list (RFC 9110 §5.3).
     let mut value = Vec::with_capacity(48);
     for prev in headers
@@ -102,11 +180,32 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
             value.extend_from_slice(b", ");
         }
     }
-    push_ip(&mut value, client);
+    value.extend_from_slice(client.as_bytes());
     // `insert` replaces every earlier line; the bytes are handed over without another copy.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
+}
+
+/// Sets `Host` to `authority`; a request with one `Host` that already says so keeps it (no copy).
+pub fn set_host(headers: &mut HeaderMap, authority: &http::uri::Authority) {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let (Some(v), None) = (hosts.next(), hosts.next())
+        && v.as_bytes() == authority.as_str().as_bytes()
+    {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        headers.insert(header::HOST, v);
+    }
+}
+
+/// `ip` as a header value (what `X-Forwarded-For` gets for a client at `ip`).
+pub fn address_value(ip: IpAddr) -> HeaderValue {
+    let mut text = Vec::with_capacity(16);
+    push_ip(&mut text, ip);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .unwrap_or_else(|_| unreachable!("digits, dots, colons and hex digits"))
 }
 
 /// Writes `ip` as text: IPv4 digit by digit (the formatting machinery costs several times more, on every
@@ -134,31 +233,37 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
-/// Makes sure the request carries a `mesh-request-id`, generating one when absent; returns it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    // One hash of the name for both the lookup and the insertion.
-    match headers.entry(MESH_REQUEST_ID) {
-        http::header::Entry::Occupied(e) => Some(e.get().clone()),
-        http::header::Entry::Vacant(e) => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let mut id = [0u8; 32];
-            let random = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
-            for (i, pair) in id.chunks_exact_mut(2).enumerate() {
-                let byte = (random >> (120 - 8 * i)) as u8;
-                pair[0] = HEX[usize::from(byte >> 4)];
-                pair[1] = HEX[usize::from(byte & 0xf)];
-            }
-            let v = HeaderValue::from_bytes(&id).ok()?;
-            Some(e.insert(v).clone())
-        }
+/// Makes sure the request carries a `mesh-request-id`, generating one when absent; returns it. `had`: the
+/// request arrived with one ([`Present::REQUEST_ID`]).
+pub fn ensure_request_id(headers: &mut HeaderMap, had: bool) -> Option<HeaderValue> {
+    if had && let Some(v) = headers.get(MESH_REQUEST_ID) {
+        return Some(v.clone());
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let random = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
+    for (i, pair) in id.chunks_exact_mut(2).enumerate() {
+        let byte = (random >> (120 - 8 * i)) as u8;
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    let v = HeaderValue::from_bytes(&id).ok()?;
+    headers.insert(MESH_REQUEST_ID, v.clone());
+    Some(v)
 }
 
-fn unix_ms_now() -> u128 {
+fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(millis)
         .unwrap_or(0)
+}
+
+/// Whole milliseconds in `d` (`Duration::as_millis` goes through a 128-bit division).
+fn millis(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(d.subsec_millis()))
 }
 
 /// Time left before the request's `mesh-deadline`: `None` when absent or unreadable, zero when it has passed.
@@ -173,18 +278,17 @@ pub fn read_deadline(headers: &HeaderMap) -> Option<Duration> {
     }
     let at: u128 = v.parse().ok()?;
     Some(Duration::from_millis(
-        at.saturating_sub(unix_ms_now()).min(u64::MAX as u128) as u64,
+        at.saturating_sub(u128::from(unix_ms_now()))
+            .min(u128::from(u64::MAX)) as u64,
     ))
 }
 
 /// Sets `mesh-deadline` to `deadline` as absolute unix milliseconds (toward a local upstream).
 pub fn write_deadline(headers: &mut HeaderMap, deadline: Instant) {
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis();
+    let left = millis(deadline.saturating_duration_since(Instant::now()));
     headers.insert(
         MESH_DEADLINE,
-        HeaderValue::from(unix_ms_now().saturating_add(left) as u64),
+        HeaderValue::from(unix_ms_now().saturating_add(left)),
     );
 }
 
@@ -279,13 +383,51 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
+        let ip = |s: &str| address_value(s.parse().unwrap());
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
-        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        append_forwarded_for(&mut h, false, &ip("10.0.0.1"));
+        append_forwarded_for(&mut h, true, &ip("::1"));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1");
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.9.9.9"));
-        append_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
+        append_forwarded_for(&mut h, true, &ip("10.0.0.2"));
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, ::1, 10.9.9.9, 10.0.0.2");
+    }
+
+    #[test]
+    fn scan_finds_what_the_lookups_would() {
+        let mut h = HeaderMap::new();
+        assert_eq!(Present::scan(&h), Present::NONE);
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("user-agent", HeaderValue::from_static("curl"));
+        h.insert("x-mesh-thing", HeaderValue::from_static("1"));
+        assert_eq!(Present::scan(&h), Present::NONE);
+        let cases: [(&str, Present); 15] = [
+            ("mesh-request-id", Present::REQUEST_ID),
+            ("traceparent", Present::TRACEPARENT),
+            ("content-type", Present::CONTENT_TYPE),
+            ("content-length", Present::CONTENT_LENGTH),
+            ("mesh-deadline", Present::DEADLINE | Present::MESH_CONTROL),
+            ("grpc-timeout", Present::GRPC_TIMEOUT),
+            ("x-forwarded-for", Present::FORWARDED_FOR),
+            ("cookie", Present::COOKIE),
+            ("expect", Present::EXPECT),
+            ("grpc-status", Present::GRPC_STATUS),
+            ("connection", Present::HOP_BY_HOP),
+            ("proxy-connection", Present::HOP_BY_HOP),
+            ("te", Present::HOP_BY_HOP),
+            ("mesh-retryable", Present::MESH_CONTROL),
+            ("mesh-fault-abort", Present::MESH_CONTROL),
+        ];
+        for (name, want) in cases {
+            let mut one = h.clone();
+            one.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+            assert_eq!(Present::scan(&one), want, "{name}");
+        }
+        for name in &HOP_BY_HOP {
+            let mut one = h.clone();
+            one.insert(name.clone(), HeaderValue::from_static("1"));
+            assert!(Present::scan(&one).any(Present::HOP_BY_HOP), "{name}");
+        }
     }
 
     #[test]
@@ -302,7 +444,7 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             let mut h = HeaderMap::new();
-            append_forwarded_for(&mut h, ip);
+            append_forwarded_for(&mut h, false, &address_value(ip));
             assert_eq!(h[X_FORWARDED_FOR], ip.to_string().as_str());
         }
     }
@@ -354,6 +496,21 @@ mod tests {
     }
 
     #[test]
+    fn host_is_kept_only_when_it_is_the_one_host_and_says_the_same() {
+        let web: http::uri::Authority = "web:8080".parse().unwrap();
+        let mut h = HeaderMap::new();
+        set_host(&mut h, &web);
+        assert_eq!(h[header::HOST], "web:8080");
+        h.insert(header::HOST, HeaderValue::from_static("other"));
+        set_host(&mut h, &web);
+        assert_eq!(h[header::HOST], "web:8080");
+        h.append(header::HOST, HeaderValue::from_static("web:8080"));
+        set_host(&mut h, &web);
+        assert_eq!(h.get_all(header::HOST).iter().count(), 1, "{h:?}");
+        assert_eq!(h[header::HOST], "web:8080");
+    }
+
+    #[test]
     fn cookie_crumbs_are_joined() {
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("a=1"));
@@ -369,10 +526,10 @@ mod tests {
     #[test]
     fn request_id_generated_once() {
         let mut h = HeaderMap::new();
-        ensure_request_id(&mut h);
-        let id = h[MESH_REQUEST_ID].clone();
+        let id = ensure_request_id(&mut h, false).unwrap();
+        assert_eq!(h[MESH_REQUEST_ID], id);
         assert_eq!(id.len(), 32);
-        ensure_request_id(&mut h);
+        assert_eq!(ensure_request_id(&mut h, true), Some(id.clone()));
         assert_eq!(h[MESH_REQUEST_ID], id);
     }
 }

@@ -21,9 +21,9 @@ use tokio::sync::watch;
 use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
 use super::headers::{
-    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE,
-    append_forwarded_for, join_cookies, read_deadline, read_grpc_timeout, strip_hop_by_hop,
-    write_deadline, write_grpc_timeout,
+    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE, Present,
+    append_forwarded_for, join_cookies, read_deadline, read_grpc_timeout, set_host,
+    strip_hop_by_hop, write_deadline, write_grpc_timeout,
 };
 use super::observe::Observed;
 use super::outbound::attempt::request_target;
@@ -88,7 +88,8 @@ impl Handler for InboundHandler {
                 return this.sync(&ctx, req).await;
             }
             // Boxed, as on the outbound side: a large future, moved by hyper and the server.
-            let (service, resp, mesh_error) = match Box::pin(this.proxy(&mut ctx, req)).await {
+            let (service, resp, mesh_error) = match Box::pin(this.proxy(&mut ctx, req, &conn)).await
+            {
                 Ok((service, resp)) => (Some(service), resp, None),
                 Err(r) => {
                     this.metrics
@@ -179,6 +180,7 @@ impl Inbound {
         &self,
         ctx: &mut RequestCtx,
         mut req: Request<Incoming>,
+        conn: &ConnInfo,
     ) -> Result<(String, Response<ProxyBody>), Refused> {
         let config = self.config.borrow().clone();
         // Without mutual TLS there is no way to tell a peer agent from anyone else who can reach the port.
@@ -210,13 +212,17 @@ impl Inbound {
         check_orig_proto(req.headers(), local, ctx.peer);
         // The sender's budget bounds this hop too.
         let mut timeout = config.timeout_for(&service);
-        for left in [
-            read_deadline(req.headers()),
-            read_grpc_timeout(req.headers()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        let asked = [
+            ctx.sent
+                .any(Present::DEADLINE)
+                .then(|| read_deadline(req.headers()))
+                .flatten(),
+            ctx.sent
+                .any(Present::GRPC_TIMEOUT)
+                .then(|| read_grpc_timeout(req.headers()))
+                .flatten(),
+        ];
+        for left in asked.into_iter().flatten() {
             timeout = timeout.min(left);
         }
         if timeout.is_zero() {
@@ -246,7 +252,11 @@ impl Inbound {
         head.headers.remove(MESH_ENDPOINT);
         head.headers.remove(MESH_ORIG_PROTO);
         head.headers.remove(MESH_RETRYABLE);
-        append_forwarded_for(&mut head.headers, ctx.peer.ip());
+        append_forwarded_for(
+            &mut head.headers,
+            ctx.sent.any(Present::FORWARDED_FOR),
+            conn.peer_value(),
+        );
         // The sending agent put the app's authority in `:authority`.
         let authority = head.uri.authority().cloned().ok_or_else(|| Refused {
             service: Some(service.clone()),
@@ -258,10 +268,10 @@ impl Inbound {
         match wire {
             Wire::H1 => {
                 head.version = Version::HTTP_11;
-                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                    head.headers.insert(header::HOST, v);
+                set_host(&mut head.headers, &authority);
+                if ctx.sent.any(Present::COOKIE) {
+                    join_cookies(&mut head.headers);
                 }
-                join_cookies(&mut head.headers);
                 // This hop can carry trailers on (HTTP/2): ask for them.
                 head.headers
                     .insert(header::TE, HeaderValue::from_static("trailers"));

@@ -24,12 +24,14 @@ use crate::policy::fault;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::errors::MeshError;
 use crate::proxy::headers::{
-    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE,
-    append_forwarded_for, join_cookies, remove_all, strip_hop_by_hop, write_deadline,
+    GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE, Present,
+    append_forwarded_for, join_cookies, remove_all, set_host, strip_hop_by_hop, write_deadline,
     write_grpc_timeout, write_relative_deadline,
 };
 use crate::proxy::observe::{Observed, Report};
-use crate::proxy::pool::{BodyWatch, ClientBody, FailKind, ReqBody, SendError, SendOpts, Wire};
+use crate::proxy::pool::{
+    BodyWatch, ClientBody, FailKind, Lease, ReqBody, SendError, SendOpts, Wire,
+};
 use crate::proxy::proto_name;
 use crate::proxy::spans::Outcome;
 use crate::routing::{Endpoint, Location, Service};
@@ -61,7 +63,8 @@ fn retry_backoff(n: u32, r: f64) -> Duration {
 // Lives on the stack for one attempt; boxing the response would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Attempt {
-    Response(http::Response<Observed>),
+    /// The response, and which of the headers meshd reads it has.
+    Response(http::Response<Observed>, Present),
     Failed(SendError),
 }
 
@@ -85,25 +88,28 @@ impl Payload {
     }
 }
 
-/// Runs the attempts for `t`, and returns the response to give the client or the reason meshd answers itself.
+/// Runs the attempts for `t` (`client`: the app's address, for `X-Forwarded-For`), and returns the response to give the client or the reason meshd answers itself.
 pub async fn run(
     out: &Outbound,
     ctx: &mut RequestCtx,
     t: super::target::Target,
     req: Request<Incoming>,
+    client: &HeaderValue,
 ) -> Result<Served, Refusal> {
     let policy = t.policy();
-    let marked_retryable = req
-        .headers()
-        .get(MESH_RETRYABLE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let marked_retryable = ctx.sent.any(Present::MESH_CONTROL)
+        && req
+            .headers()
+            .get(MESH_RETRYABLE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     let safe_to_repeat = idempotent(req.method()) || marked_retryable;
     let hop = Hop {
         grpc: ctx.grpc,
         retryable: marked_retryable,
+        sent: ctx.sent,
     };
     let (mut head, body) = req.into_parts();
-    prepare_head(&mut head, ctx, &t);
+    prepare_head(&mut head, ctx, &t, client);
     let wanted_attempts = if safe_to_repeat {
         policy.retry.max_attempts.max(1)
     } else {
@@ -111,7 +117,12 @@ pub async fn run(
     };
     // A request that is safe to repeat has its small body held even without retries: a stale connection
     // may still need a second send.
-    let mut payload = payload(&head, body, safe_to_repeat, &t).await?;
+    let mut payload = if body.is_end_stream() {
+        // Most requests: no body, and no future to build for reading one.
+        Payload::Replay(Bytes::new())
+    } else {
+        payload(&head, body, safe_to_repeat, &t).await?
+    };
     let replayable = matches!(payload, Payload::Replay(_));
     let watch = match &payload {
         Payload::Stream(_, w) => Some(w.clone()),
@@ -174,22 +185,33 @@ pub async fn run(
                 req
             })
         };
-        let mut result = send_once(
-            out,
-            &t,
+        // The send is awaited here rather than in a function of its own: one layer less of future to build
+        // and copy on every request.
+        let report = Report::new(
+            t.service.clone(),
             idx,
             permit,
-            req,
-            try_deadline,
-            ctx.grpc,
-            watch.as_ref(),
-            again,
-        )
-        .await;
+            t.config.clone(),
+            t.logical.name.clone(),
+            out.policy_metrics.breaker_open.clone(),
+        );
+        let opts = SendOpts {
+            connect_timeout: policy.connect_timeout,
+            fresh: false,
+        };
+        let pending = endpoint.state.start();
+        let sent = Instant::now();
+        let sending = endpoint
+            .state
+            .pool
+            .send_or_resend_stale(&out.upstreams, req, opts, again);
+        let outcome = tokio::time::timeout_at(try_deadline.into(), sending).await;
+        drop(pending);
+        let mut result = judge(&t, idx, report, outcome, sent, ctx.grpc, watch.as_ref());
 
         if let (Some(h), Some((ids, Some(start)))) = (&ctx.hop, &client) {
             let (status, grpc_status, mesh_error, response_bytes) = match &result {
-                Attempt::Response(r) => (
+                Attempt::Response(r, _) => (
                     Some(r.status().as_u16()),
                     // Only a gRPC request's response means anything by it.
                     ctx.grpc
@@ -207,7 +229,7 @@ pub async fn run(
             };
             // A gRPC status that is not in the head comes in the trailers: the span ends with the body.
             let pending =
-                ctx.grpc && grpc_status.is_none() && matches!(result, Attempt::Response(_));
+                ctx.grpc && grpc_status.is_none() && matches!(result, Attempt::Response(..));
             let outcome = Outcome {
                 service: Some(t.service.name.clone()),
                 endpoint: Some(endpoint.addr),
@@ -226,7 +248,7 @@ pub async fn run(
                 response_bytes,
             };
             match &mut result {
-                Attempt::Response(r) if pending => {
+                Attempt::Response(r, _) if pending => {
                     if let Some(span) = out.observers.tracer.client_pending(h, ids, *start, outcome)
                     {
                         r.body_mut().end_span_with_body(span);
@@ -244,7 +266,7 @@ pub async fn run(
 
         // Decide on a retry.
         let (retry_wanted, failed) = match &result {
-            Attempt::Response(r) => (
+            Attempt::Response(r, _) => (
                 policy.retry.on.status(r.status()),
                 r.status().is_server_error(),
             ),
@@ -288,9 +310,10 @@ pub async fn run(
             continue;
         }
         return match result {
-            Attempt::Response(resp) => Ok(Served {
+            Attempt::Response(resp, has) => Ok(Served {
                 service: t.service.clone(),
                 resp: resp.map(Either::Left),
+                has,
             }),
             Attempt::Failed(e) if e.kind == FailKind::ClientBody => {
                 Err(Refusal::new(Some(&t.service.name), MeshError::BadRequest, e.detail).closing())
@@ -306,10 +329,18 @@ pub async fn run(
 
 /// The headers every attempt shares: hop-by-hop and meshd's per-hop controls removed, `X-Forwarded-For`
 /// extended, the service named.
-pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
-    strip_hop_by_hop(&mut head.headers);
-    remove_all(&mut head.headers, &NOT_FORWARDED);
-    append_forwarded_for(&mut head.headers, ctx.peer.ip());
+pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target, client: &HeaderValue) {
+    if ctx.sent.any(Present::HOP_BY_HOP) {
+        strip_hop_by_hop(&mut head.headers);
+    }
+    if ctx.sent.any(Present::EXPECT | Present::MESH_CONTROL) {
+        remove_all(&mut head.headers, &NOT_FORWARDED);
+    }
+    append_forwarded_for(
+        &mut head.headers,
+        ctx.sent.any(Present::FORWARDED_FOR),
+        client,
+    );
     head.headers
         .insert(MESH_SERVICE, t.service.name_header.clone());
     // Room for what an attempt adds (Host, TE, deadlines, a peer's controls, trace context): the attempt sends
@@ -319,8 +350,8 @@ pub(super) fn prepare_head(head: &mut Parts, ctx: &RequestCtx, t: &Target) {
 
 /// Headers meshd consumes itself, whatever an app sends: `Expect` (answered by meshd's own server), the
 /// per-hop controls between agents and the fault-injection overrides. One list, so a request without any of
-/// them costs one pass.
-const NOT_FORWARDED: [HeaderName; 6] = [
+/// them costs one pass. (A `static`: a `const` array is built and dropped again at every use.)
+static NOT_FORWARDED: [HeaderName; 6] = [
     header::EXPECT,
     MESH_ENDPOINT,
     MESH_ORIG_PROTO,
@@ -422,6 +453,8 @@ struct Hop {
     grpc: bool,
     /// The app sent `mesh-retryable: true`: a peer agent may send it again too.
     retryable: bool,
+    /// The headers the app sent.
+    sent: Present,
 }
 
 /// `head` + `body` as `endpoint` must receive them: the request target and `Host`/`:authority` in the form
@@ -440,10 +473,10 @@ fn for_endpoint(
     match wire {
         Wire::H1 => {
             head.version = Version::HTTP_11;
-            if let Ok(v) = HeaderValue::from_str(t.authority.as_str()) {
-                head.headers.insert(header::HOST, v);
+            set_host(&mut head.headers, &t.authority);
+            if hop.sent.any(Present::COOKIE) {
+                join_cookies(&mut head.headers);
             }
-            join_cookies(&mut head.headers);
             // meshd can pass trailers on whatever the client is (an HTTP/1.1 client gets them when it asked
             // with `TE: trailers`): without this an HTTP/1.1 upstream leaves them out.
             head.headers
@@ -474,7 +507,9 @@ fn for_endpoint(
             write_relative_deadline(&mut head.headers, try_deadline);
         }
     }
-    if hop.grpc || head.headers.contains_key(GRPC_TIMEOUT) {
+    // The flag only saves the lookup when the app sent none: `Connection` may have named it for removal.
+    if hop.grpc || (hop.sent.any(Present::GRPC_TIMEOUT) && head.headers.contains_key(GRPC_TIMEOUT))
+    {
         write_grpc_timeout(
             &mut head.headers,
             try_deadline.saturating_duration_since(Instant::now()),
@@ -500,54 +535,33 @@ pub fn request_target(wire: Wire, authority: &http::uri::Authority, original: &U
         .unwrap_or_else(|_| unreachable!("a path, with or without scheme and authority"))
 }
 
-/// Sends one attempt to endpoint `idx` of `t.service`, feeding its latency estimate and circuit breaker.
-/// `watch` follows a body streamed from the client: when it broke off, or was still arriving at the deadline,
-/// the failure is the client's.
-#[allow(clippy::too_many_arguments)]
-async fn send_once(
-    out: &Outbound,
+/// One attempt's send to endpoint `idx` of `t.service`, sent at `sent`, as the attempt loop sees it; feeds the
+/// endpoint's latency estimate and circuit breaker (`report`). `watch` follows a body streamed from the
+/// client: when it broke off, or was still arriving at the deadline, the failure is the client's.
+fn judge(
     t: &Target,
     idx: usize,
-    permit: Permit,
-    req: Request<ReqBody>,
-    deadline: Instant,
+    report: Report,
+    result: Result<
+        Result<(http::Response<Incoming>, Lease), SendError>,
+        tokio::time::error::Elapsed,
+    >,
+    sent: Instant,
     grpc: bool,
     watch: Option<&BodyWatch>,
-    again: impl FnOnce() -> Option<Request<ReqBody>>,
 ) -> Attempt {
     let endpoint = &t.service.endpoints[idx];
     let policy = t.policy();
-    let report = Report::new(
-        t.service.clone(),
-        idx,
-        permit,
-        t.config.clone(),
-        t.logical.name.clone(),
-        out.policy_metrics.breaker_open.clone(),
-    );
-    let opts = SendOpts {
-        connect_timeout: policy.connect_timeout,
-        fresh: false,
-    };
-    let pending = endpoint.state.start();
-    let sent = Instant::now();
-    let result = tokio::time::timeout_at(
-        deadline.into(),
-        endpoint
-            .state
-            .pool
-            .send_or_resend_stale(&out.upstreams, req, opts, again),
-    )
-    .await;
-    drop(pending);
     let now = Instant::now();
     let failure_on = &policy.circuit_breaker.failure_on;
     match result {
         Ok(Ok((resp, lease))) => {
             endpoint.state.observe_latency(now - sent, now);
-            let trailers_only_grpc = resp
-                .headers()
-                .get(crate::proxy::headers::GRPC_STATUS)
+            let has = Present::scan(resp.headers());
+            let trailers_only_grpc = has
+                .any(Present::GRPC_STATUS)
+                .then(|| resp.headers().get(crate::proxy::headers::GRPC_STATUS))
+                .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u8>().ok());
             let failed_now = failure_on.status(resp.status())
@@ -560,8 +574,10 @@ async fn send_once(
                 None
             };
             let mut resp = resp.map(|b| Observed::new(b, report, Some(lease)));
-            strip_hop_by_hop(resp.headers_mut());
-            Attempt::Response(resp)
+            if has.any(Present::HOP_BY_HOP) {
+                strip_hop_by_hop(resp.headers_mut());
+            }
+            Attempt::Response(resp, has)
         }
         Ok(Err(mut e)) => {
             if watch.is_some_and(BodyWatch::failed) {
@@ -625,6 +641,18 @@ mod tests {
         assert_eq!(retry_backoff(10, 1.0), Duration::from_millis(250));
         assert_eq!(retry_backoff(3, 0.0), Duration::ZERO);
         assert!(retry_backoff(2, 0.5) <= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn the_scan_flags_every_header_meshd_consumes() {
+        for name in &NOT_FORWARDED {
+            let mut h = http::HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            assert!(
+                Present::scan(&h).any(Present::EXPECT | Present::MESH_CONTROL),
+                "{name}"
+            );
+        }
     }
 
     #[test]

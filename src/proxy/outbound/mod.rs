@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::ProxyBody;
 use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
-use super::headers::MESH_REQUEST_ID;
+use super::headers::{MESH_REQUEST_ID, Present};
 use super::pool::Upstreams;
 use super::server::{ConnInfo, Handler};
 use super::tunnel::Tunnels;
@@ -56,6 +56,8 @@ pub struct OutboundHandler(pub Arc<Outbound>);
 pub struct Served {
     pub service: Arc<Service>,
     pub resp: Response<ProxyBody>,
+    /// Which of the headers meshd reads the response has.
+    pub has: Present,
 }
 
 /// Why a request was answered by meshd, and for which service (if one was resolved).
@@ -98,21 +100,51 @@ impl Handler for OutboundHandler {
             let mut req = req;
             let mut ctx = RequestCtx::new(&mut req, conn.peer);
             ctx.hop = this.observers.tracer.start(req.headers());
-            // Boxed: the proxying future is large, and hyper and the server move the handler's future around;
-            // one allocation is cheaper than copying it at every move.
-            let result = Box::pin(this.proxy(&mut ctx, req, &conn)).await;
+            // The steps before the attempts are plain functions: a future per step would be built, moved and
+            // polled on every request. Only a fault delay waits here.
+            let result = match this.admit(&mut ctx, &req, &conn) {
+                Err(refused) => Err(refused),
+                Ok(admitted) => {
+                    if let Some(delay) = admitted.delay {
+                        tokio::time::sleep(delay).await;
+                    }
+                    match target::finish(&this, &mut ctx, &req, admitted) {
+                        Err(refused) => Err(refused),
+                        // Rare, and its future is large: kept out of the common path's.
+                        Ok(target)
+                            if ctx.sent.any(Present::HOP_BY_HOP) && upgrade::is_upgrade(&req) =>
+                        {
+                            Box::pin(upgrade::proxy(&this, &mut ctx, target, req, conn.hold()))
+                                .await
+                        }
+                        // Boxed: the attempt loop's future is large, and hyper and the server move the
+                        // handler's future around; one allocation is cheaper than copying it at every move.
+                        Ok(target) => {
+                            Box::pin(attempt::run(
+                                &this,
+                                &mut ctx,
+                                target,
+                                req,
+                                conn.peer_value(),
+                            ))
+                            .await
+                        }
+                    }
+                }
+            };
             this.respond(&ctx, result)
         }
     }
 }
 
 impl Outbound {
-    async fn proxy(
+    /// The checks before a request is routed, then [`target::admit`].
+    fn admit(
         &self,
         ctx: &mut RequestCtx,
-        req: Request<Incoming>,
-        conn: &Arc<ConnInfo>,
-    ) -> Result<Served, Refusal> {
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<target::Admitted, Refusal> {
         if req.version() < Version::HTTP_2
             && let Some(why) = conn.framing.next().refusal()
         {
@@ -125,19 +157,14 @@ impl Outbound {
                 "CONNECT tunnels are not proxied; send plain HTTP requests for a service",
             ));
         }
-        let target = target::resolve(self, ctx, &req).await?;
-        if upgrade::is_upgrade(&req) {
-            // Rare, and its future is large: kept out of the common path's.
-            return Box::pin(upgrade::proxy(self, ctx, target, req, conn.hold())).await;
-        }
-        attempt::run(self, ctx, target, req).await
+        target::admit(self, ctx, req)
     }
 
     /// meshd's response: the upstream's, or meshd's own error; counted either way.
     fn respond(&self, ctx: &RequestCtx, result: Result<Served, Refusal>) -> Response<ProxyBody> {
         // meshd's own gRPC errors travel as HTTP 200: count them by the status they stand for.
         let (mut resp, counted, served, mesh_error) = match result {
-            Ok(Served { service, resp }) => (resp, None, Some(service), None),
+            Ok(Served { service, resp, has }) => (resp, None, Some((service, has)), None),
             Err(r) => {
                 self.metrics
                     .errors
@@ -187,12 +214,18 @@ impl Outbound {
         } else {
             Version::HTTP_11
         };
+        // The upstream's own request id, if it set one, stands.
+        let has = served.as_ref().map_or(Present::REQUEST_ID, |(_, has)| *has);
         if let Some(id) = &ctx.request_id {
-            resp.headers_mut()
-                .entry(MESH_REQUEST_ID)
-                .or_insert_with(|| id.clone());
+            if has.any(Present::REQUEST_ID) {
+                resp.headers_mut()
+                    .entry(MESH_REQUEST_ID)
+                    .or_insert_with(|| id.clone());
+            } else {
+                resp.headers_mut().insert(MESH_REQUEST_ID, id.clone());
+            }
         }
-        if let Some(service) = served {
+        if let Some((service, has)) = served {
             let status = counted.unwrap_or(resp.status());
             let elapsed = ctx.received.elapsed();
             service
@@ -213,7 +246,10 @@ impl Outbound {
                 direction: Direction::Outbound,
                 service: &service.name,
                 status,
-                grpc_status: crate::proxy::grpc_status_of(resp.headers()),
+                grpc_status: has
+                    .any(Present::GRPC_STATUS)
+                    .then(|| crate::proxy::grpc_status_of(resp.headers()))
+                    .flatten(),
                 duration: elapsed,
                 mesh_error,
                 ctx,

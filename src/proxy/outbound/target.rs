@@ -18,8 +18,8 @@ use crate::config::{Config, ServicePolicy};
 use crate::policy::{fault, route};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::errors::MeshError;
-use crate::proxy::headers::{read_deadline, read_grpc_timeout};
-use crate::routing::Service;
+use crate::proxy::headers::{Present, read_deadline, read_grpc_timeout};
+use crate::routing::{Service, Table};
 
 /// A resolved request: where it goes and under which rules.
 pub struct Target {
@@ -40,15 +40,29 @@ impl Target {
     }
 }
 
-/// Resolves the request's target, or refuses it.
-pub async fn resolve(
+/// The first half of target resolution: the service, its rate limit and the fault decision. The caller waits
+/// out [`Admitted::delay`], if any, then calls [`finish`]. (Two plain functions rather than one `async fn`:
+/// most requests have no delay, and a future of its own would be built, moved and polled for each.)
+pub struct Admitted {
+    config: Arc<Config>,
+    table: Arc<Table>,
+    logical: Arc<Service>,
+    authority: Authority,
+    rng: fastrand::Rng,
+    /// A fault delay to wait before [`finish`].
+    pub delay: Option<std::time::Duration>,
+    abort: Option<http::StatusCode>,
+}
+
+/// Authority → service → rate limit → fault decision.
+pub fn admit(
     out: &Outbound,
     ctx: &mut RequestCtx,
     req: &Request<Incoming>,
-) -> Result<Target, Refusal> {
+) -> Result<Admitted, Refusal> {
     let authority = routed_authority(req)?;
     let config = out.config.borrow().clone();
-    let name = service_name(&config, authority.host())?;
+    let name = service_name(&config, host_of(&authority))?;
     let table = out.table.borrow().clone();
     let logical = table.service(&name).cloned().ok_or_else(|| {
         Refusal::new(
@@ -81,6 +95,7 @@ pub async fn resolve(
         });
     }
 
+    let (mut delay, mut abort) = (None, None);
     if let Some(f) = &policy.fault {
         let decision = fault::decide(f, req.headers(), rng.f64(), rng.f64());
         ctx.fault = match (decision.delay, decision.abort) {
@@ -89,36 +104,68 @@ pub async fn resolve(
             (None, Some(_)) => Some("abort"),
             (None, None) => None,
         };
-        if let Some(delay) = decision.delay {
+        if decision.delay.is_some() {
             out.policy_metrics
                 .faults
                 .with_label_values(&[&logical.name, "delay"])
                 .inc();
-            tokio::time::sleep(delay).await;
         }
-        if let Some(status) = decision.abort {
-            out.policy_metrics
-                .faults
-                .with_label_values(&[&logical.name, "abort"])
-                .inc();
-            return Err(Refusal::new(
-                Some(&logical.name),
-                MeshError::FaultInjected(status),
-                format!("fault injected for service {:?}", logical.name),
-            ));
-        }
+        (delay, abort) = (decision.delay, decision.abort);
+    }
+    Ok(Admitted {
+        config,
+        table,
+        logical,
+        authority,
+        rng,
+        delay,
+        abort,
+    })
+}
+
+/// After the fault delay: abort → deadline → route/split → endpoints.
+pub fn finish(
+    out: &Outbound,
+    ctx: &mut RequestCtx,
+    req: &Request<Incoming>,
+    admitted: Admitted,
+) -> Result<Target, Refusal> {
+    let Admitted {
+        config,
+        table,
+        logical,
+        authority,
+        mut rng,
+        abort,
+        ..
+    } = admitted;
+    let policy = config.policy_for(&logical.name);
+    if let Some(status) = abort {
+        out.policy_metrics
+            .faults
+            .with_label_values(&[&logical.name, "abort"])
+            .inc();
+        return Err(Refusal::new(
+            Some(&logical.name),
+            MeshError::FaultInjected(status),
+            format!("fault injected for service {:?}", logical.name),
+        ));
     }
 
     // The service's timeout, or sooner if the caller's mesh-deadline or grpc-timeout says so.
     let start = Instant::now();
     let mut deadline = start + policy.timeout;
-    for left in [
-        read_deadline(req.headers()),
-        read_grpc_timeout(req.headers()),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    let asked = [
+        ctx.sent
+            .any(Present::DEADLINE)
+            .then(|| read_deadline(req.headers()))
+            .flatten(),
+        ctx.sent
+            .any(Present::GRPC_TIMEOUT)
+            .then(|| read_grpc_timeout(req.headers()))
+            .flatten(),
+    ];
+    for left in asked.into_iter().flatten() {
         deadline = deadline.min(start + left);
     }
     if deadline <= start {
@@ -228,6 +275,18 @@ pub fn routed_authority<B>(req: &Request<B>) -> Result<Authority, Refusal> {
     Ok(authority)
 }
 
+/// The host part of an authority without userinfo (`routed_authority` refuses userinfo): what
+/// `Authority::host` returns, an IPv6 address with its brackets, at a fraction of its cost.
+fn host_of(authority: &Authority) -> &str {
+    let s = authority.as_str();
+    let end = if s.starts_with('[') {
+        s.bytes().position(|b| b == b']').map(|i| i + 1)
+    } else {
+        s.bytes().position(|b| b == b':')
+    };
+    &s[..end.unwrap_or(s.len())]
+}
+
 /// Host → service name: lowercased, port and configured suffixes removed. Addresses are refused.
 fn service_name<'h>(config: &Config, host: &'h str) -> Result<Cow<'h, str>, Refusal> {
     let host = host.trim_end_matches('.');
@@ -293,6 +352,24 @@ mod tests {
         assert_eq!(routed_authority(&r).unwrap(), "web");
         let r = req(Version::HTTP_2, "http://web/x", &["WEB"]);
         assert_eq!(routed_authority(&r).unwrap(), "web");
+    }
+
+    #[test]
+    fn host_of_agrees_with_http() {
+        for a in [
+            "web",
+            "web:8080",
+            "users.mesh",
+            "users.mesh:80",
+            "[::1]",
+            "[::1]:8080",
+            "[2001:db8::7]:1",
+            "10.0.0.1:9",
+            "a",
+        ] {
+            let auth: Authority = a.parse().unwrap();
+            assert_eq!(host_of(&auth), auth.host(), "{a}");
+        }
     }
 
     #[test]

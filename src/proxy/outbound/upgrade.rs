@@ -19,7 +19,7 @@ use super::{Outbound, Refusal, Served};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::errors::MeshError;
 use crate::proxy::headers::{
-    MESH_ENDPOINT, MESH_ORIG_PROTO, strip_hop_by_hop, write_relative_deadline,
+    MESH_ENDPOINT, MESH_ORIG_PROTO, Present, strip_hop_by_hop, write_relative_deadline,
 };
 use crate::proxy::observe::{Observed, Report};
 use crate::proxy::pool::{SendError, SendOpts, Wire, h1};
@@ -95,7 +95,7 @@ pub async fn proxy(
         out.policy_metrics.breaker_open.clone(),
     );
     let (mut head, _) = req.into_parts();
-    prepare_head(&mut head, ctx, &t);
+    prepare_head(&mut head, ctx, &t, slot.conn().peer_value());
     let wire = endpoint.state.pool.key().wire;
     let remote = matches!(endpoint.location, Location::Remote { .. });
     let body = || Either::Right(Full::new(bytes::Bytes::new()));
@@ -188,6 +188,7 @@ pub async fn proxy(
         strip_hop_by_hop(resp.headers_mut());
         return Ok(Served {
             service: t.service.clone(),
+            has: Present::scan(resp.headers()),
             resp: resp.map(|b| Either::Left(Observed::new(b, None, lease))),
         });
     }
@@ -206,6 +207,7 @@ pub async fn proxy(
     parts.version = Version::HTTP_11;
     Ok(Served {
         service: t.service.clone(),
+        has: Present::scan(&parts.headers),
         resp: Response::from_parts(parts, Either::Right(Full::new(bytes::Bytes::new()))),
     })
 }

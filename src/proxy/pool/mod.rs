@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{Request, Response};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::telemetry::metrics::UpstreamMetrics;
@@ -51,7 +52,7 @@ pub const H2_MAX_CONNECTIONS: usize = 64;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A request body on its way upstream: streamed from the client, or buffered so it can be sent again.
-pub type ReqBody = Either<ClientBody, Full<Bytes>>;
+pub type ReqBody = http_body_util::Either<ClientBody, Full<Bytes>>;
 
 /// The protocol spoken on a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -179,15 +180,17 @@ impl Pool {
 
     /// Sends `req` (whose URI and version are already set for this hop) and returns the response head with
     /// the lease that keeps its connection until the body is done.
-    pub async fn send(
-        &self,
-        up: &Upstreams,
+    // Not an `async fn`: that would be one more layer of future holding (and copying) the request on every
+    // send; the protocol's own future is returned as it is.
+    pub fn send<'a>(
+        &'a self,
+        up: &'a Upstreams,
         req: Request<ReqBody>,
         opts: SendOpts,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendError>> + Send + 'a {
         match &self.inner {
-            Inner::H1(p) => p.send(up, req, opts).await,
-            Inner::H2(p) => p.send(up, req, opts).await,
+            Inner::H1(p) => Either::Left(p.send(up, req, opts)),
+            Inner::H2(p) => Either::Right(p.send(up, req, opts)),
         }
     }
 

@@ -25,7 +25,7 @@ pub const MAX_TRACESTATE_LEN: usize = 512;
 
 /// Every header this module reads or writes; [`inject`] removes them all before writing, so a request never
 /// carries two contexts that contradict each other.
-const ALL_HEADERS: [HeaderName; 8] = [
+static ALL_HEADERS: [HeaderName; 8] = [
     TRACEPARENT,
     TRACESTATE,
     B3,
