@@ -564,6 +564,15 @@ fn runtime_workers(pid: u32, want: usize) -> usize {
     }
 }
 
+/// `GET /` for service `hello` through the outbound listener at `outbound`.
+async fn get_hello(outbound: std::net::SocketAddr) -> StatusCode {
+    let req = http::Request::get(format!("http://{outbound}/"))
+        .header("host", "hello")
+        .body(full(""))
+        .unwrap();
+    read(h1_client().request(req).await.unwrap()).await.status
+}
+
 #[tokio::test]
 async fn one_core_runs_everything_on_one_thread_and_more_cores_get_a_worker_each() {
     let b = backend("threads").await;
@@ -575,12 +584,8 @@ async fn one_core_runs_everything_on_one_thread_and_more_cores_get_a_worker_each
     let cfg = write_config(&config);
     for (threads, workers) in [("1", 0), ("2", 2)] {
         let (child, outbound, _) = spawn_run_with(&cfg.0, &[("TOKIO_WORKER_THREADS", threads)]);
-        let req = http::Request::get(format!("http://{outbound}/"))
-            .header("host", "hello")
-            .body(full(""))
-            .unwrap();
         assert_eq!(
-            read(h1_client().request(req).await.unwrap()).await.status,
+            get_hello(outbound).await,
             StatusCode::OK,
             "{threads} thread(s)"
         );
@@ -601,14 +606,7 @@ async fn one_core_runs_everything_on_one_thread_and_more_cores_get_a_worker_each
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let want = if cores > 1 { cores } else { 0 };
     assert_eq!(runtime_workers(child.id(), want), want);
-    let req = http::Request::get(format!("http://{outbound}/"))
-        .header("host", "hello")
-        .body(full(""))
-        .unwrap();
-    assert_eq!(
-        read(h1_client().request(req).await.unwrap()).await.status,
-        StatusCode::OK
-    );
+    assert_eq!(get_hello(outbound).await, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -302,6 +302,23 @@ pub fn write_relative_deadline(headers: &mut HeaderMap, deadline: Instant) {
     }
 }
 
+/// The time the caller allows: the shorter of its `mesh-deadline` and `grpc-timeout`, each read only when the
+/// request arrived with it (`sent`); `None` when it gave neither (or neither was readable).
+pub fn caller_budget(headers: &HeaderMap, sent: Present) -> Option<Duration> {
+    let deadline = sent
+        .any(Present::DEADLINE)
+        .then(|| read_deadline(headers))
+        .flatten();
+    let grpc = sent
+        .any(Present::GRPC_TIMEOUT)
+        .then(|| read_grpc_timeout(headers))
+        .flatten();
+    match (deadline, grpc) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The `grpc-timeout` of a request (gRPC over HTTP/2: up to 8 digits and a unit, H M S m u n).
 pub fn read_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(&GRPC_TIMEOUT)?.as_bytes();
@@ -469,6 +486,29 @@ mod tests {
             h.insert(MESH_DEADLINE, HeaderValue::from_static(bad));
             assert_eq!(read_deadline(&h), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_caller_budget_is_the_shorter_of_what_it_sent() {
+        let mut h = HeaderMap::new();
+        assert_eq!(caller_budget(&h, Present::scan(&h)), None);
+        h.insert(MESH_DEADLINE, HeaderValue::from_static("900ms"));
+        assert_eq!(
+            caller_budget(&h, Present::scan(&h)),
+            Some(Duration::from_millis(900))
+        );
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("300m"));
+        assert_eq!(
+            caller_budget(&h, Present::scan(&h)),
+            Some(Duration::from_millis(300))
+        );
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("2S"));
+        assert_eq!(
+            caller_budget(&h, Present::scan(&h)),
+            Some(Duration::from_millis(900))
+        );
+        // What the scan did not see is not read.
+        assert_eq!(caller_budget(&h, Present::NONE), None);
     }
 
     #[test]

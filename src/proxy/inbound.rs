@@ -22,8 +22,8 @@ use super::ctx::RequestCtx;
 use super::errors::{MeshError, error_response};
 use super::headers::{
     GRPC_TIMEOUT, MESH_ENDPOINT, MESH_ORIG_PROTO, MESH_RETRYABLE, MESH_SERVICE, Present,
-    append_forwarded_for, join_cookies, read_deadline, read_grpc_timeout, set_host,
-    strip_hop_by_hop, write_deadline, write_grpc_timeout,
+    append_forwarded_for, caller_budget, join_cookies, set_host, strip_hop_by_hop, write_deadline,
+    write_grpc_timeout,
 };
 use super::observe::Observed;
 use super::outbound::attempt::request_target;
@@ -212,17 +212,7 @@ impl Inbound {
         check_orig_proto(req.headers(), local, ctx.peer);
         // The sender's budget bounds this hop too.
         let mut timeout = config.timeout_for(&service);
-        let asked = [
-            ctx.sent
-                .any(Present::DEADLINE)
-                .then(|| read_deadline(req.headers()))
-                .flatten(),
-            ctx.sent
-                .any(Present::GRPC_TIMEOUT)
-                .then(|| read_grpc_timeout(req.headers()))
-                .flatten(),
-        ];
-        for left in asked.into_iter().flatten() {
+        if let Some(left) = caller_budget(req.headers(), ctx.sent) {
             timeout = timeout.min(left);
         }
         if timeout.is_zero() {

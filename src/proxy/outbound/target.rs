@@ -18,7 +18,7 @@ use crate::config::{Config, ServicePolicy};
 use crate::policy::{fault, route};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::errors::MeshError;
-use crate::proxy::headers::{Present, read_deadline, read_grpc_timeout};
+use crate::proxy::headers::caller_budget;
 use crate::routing::{Service, Table};
 
 /// A resolved request: where it goes and under which rules.
@@ -155,17 +155,7 @@ pub fn finish(
     // The service's timeout, or sooner if the caller's mesh-deadline or grpc-timeout says so.
     let start = Instant::now();
     let mut deadline = start + policy.timeout;
-    let asked = [
-        ctx.sent
-            .any(Present::DEADLINE)
-            .then(|| read_deadline(req.headers()))
-            .flatten(),
-        ctx.sent
-            .any(Present::GRPC_TIMEOUT)
-            .then(|| read_grpc_timeout(req.headers()))
-            .flatten(),
-    ];
-    for left in asked.into_iter().flatten() {
+    if let Some(left) = caller_budget(req.headers(), ctx.sent) {
         deadline = deadline.min(start + left);
     }
     if deadline <= start {
