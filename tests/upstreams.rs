@@ -472,3 +472,185 @@ async fn app_keep_alive_connections_outlive_the_header_timeout_until_the_idle_ti
     );
     agent.stop().await;
 }
+
+/// An HTTP/1.1 upstream that answers each request with a scripted response chosen by its path, written in
+/// pieces with pauses between them (so meshd reads a head or body in several parts), and closes the connection
+/// after the scripts that end with the connection. Counts the connections it accepted.
+async fn scripted_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    fn script(path: &str) -> (Vec<&'static [u8]>, bool) {
+        match path {
+            "/split" => (
+                vec![
+                    b"HTTP/1.1 200 OK\r\ncontent-le",
+                    b"ngth: 10\r\n\r\n01234",
+                    b"56789",
+                ],
+                false,
+            ),
+            "/head" => (vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"], false),
+            "/interim" => (
+                vec![
+                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                ],
+                false,
+            ),
+            "/chunked" => (
+                vec![
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5;ext=1\r\nhel",
+                    b"lo\r\n6\r\n worl",
+                    b"d\r\n0\r\nx-sum: 42\r\n\r\n",
+                ],
+                false,
+            ),
+            "/eof" => (vec![b"HTTP/1.1 200 OK\r\n\r\npart1-", b"part2"], true),
+            "/short" => (
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123"],
+                true,
+            ),
+            _ => (vec![b"HTTP/1.1 200 OK\r\nbad field\r\n\r\n"], true),
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                        seen.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let (pieces, close) = script(&path);
+                        for (i, piece) in pieces.iter().enumerate() {
+                            if i > 0 {
+                                tokio::time::sleep(Duration::from_millis(30)).await;
+                            }
+                            if s.write_all(piece).await.is_err() {
+                                return;
+                            }
+                        }
+                        if close {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn http1_responses_are_read_as_framed_and_connections_reused_only_when_whole() {
+    let (addr, accepted) = scripted_upstream().await;
+    let agent = agent(&format!(
+        "{}[services.raw]\nretry = {{ max_attempts = 1 }}\n",
+        statics("raw", &[addr], "http")
+    ))
+    .await;
+    let conns = || accepted.load(Ordering::SeqCst);
+
+    // A head and a body in pieces.
+    let got = get(&agent, "raw", "/split").await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "0123456789")
+    );
+    // HEAD: a Content-Length but no body; the connection is reused.
+    let got = send(&agent, "HEAD", "raw", "/head", &[], Vec::new()).await;
+    assert_eq!(
+        (got.status, got.header("content-length"), got.body.as_str()),
+        (StatusCode::OK, "5", "")
+    );
+    // 100 and 103 are skipped; the 200 after them is the response.
+    let got = get(&agent, "raw", "/interim").await;
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "ok"));
+    // Chunked, in pieces, with an extension and a trailer (which the client asked for).
+    let raw = exchange(
+        agent.outbound,
+        b"GET /chunked HTTP/1.1\r\nHost: raw\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = dechunk(&raw);
+    assert_eq!(body.0, "hello world", "{raw}");
+    assert!(body.1.contains("x-sum: 42"), "{raw}");
+    assert_eq!(conns(), 1, "one connection carried all four");
+
+    // A body delimited by the close: whole, and that connection is not reused.
+    let got = get(&agent, "raw", "/eof").await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "part1-part2")
+    );
+    let got = get(&agent, "raw", "/split").await;
+    assert_eq!(got.body, "0123456789");
+    assert_eq!(conns(), 2);
+
+    // Closed four bytes into a ten-byte body: the client gets no more than what came, never a complete-looking
+    // response, and the connection is gone.
+    let raw = exchange(
+        agent.outbound,
+        b"GET /short HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    assert!(
+        !head.contains(" 200 ") || body.len() < 10,
+        "a truncated body passed for a whole one: {raw}"
+    );
+    let got = get(&agent, "raw", "/split").await;
+    assert_eq!(got.body, "0123456789");
+    assert_eq!(conns(), 3);
+
+    // A malformed head is the upstream failing: 502.
+    let got = get(&agent, "raw", "/malformed").await;
+    assert_eq!(
+        (got.status, got.header("mesh-error")),
+        (StatusCode::BAD_GATEWAY, "upstream-failed"),
+        "{got:?}"
+    );
+    agent.stop().await;
+}
+
+/// Writes `raw` on a new connection and reads until the server closes (or 10 s pass).
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The data and the trailer section of a chunked HTTP/1.1 response.
+fn dechunk(raw: &str) -> (String, String) {
+    let Some((_, mut rest)) = raw.split_once("\r\n\r\n") else {
+        return (String::new(), String::new());
+    };
+    let mut data = String::new();
+    loop {
+        let Some((line, after)) = rest.split_once("\r\n") else {
+            return (data, String::new());
+        };
+        let size =
+            usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return (data, after.to_string());
+        }
+        data.push_str(&after[..size.min(after.len())]);
+        rest = after.get(size + 2..).unwrap_or("");
+    }
+}

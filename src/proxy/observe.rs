@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
-use super::pool::Lease;
+use super::pool::{Lease, UpBody};
 use super::spans::PendingSpan;
 use crate::config::Config;
 use crate::policy::breaker::{Permit, Transition};
@@ -142,7 +142,7 @@ pin_project_lite::pin_project! {
     /// the endpoint's breaker, and hands the connection back to its pool as soon as the body ends.
     pub struct Observed {
         #[pin]
-        inner: Incoming,
+        inner: UpBody,
         report: Option<Report>,
         lease: Option<Lease>,
         // Boxed: a response body is moved around, and most carry no span.
@@ -151,7 +151,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Observed {
-    pub fn new(inner: Incoming, report: Option<Report>, lease: Option<Lease>) -> Self {
+    pub fn new(inner: UpBody, report: Option<Report>, lease: Option<Lease>) -> Self {
         Observed {
             inner,
             report,
@@ -168,12 +168,12 @@ impl Observed {
 
 impl Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let res = this.inner.poll_frame(cx);
         match &res {

@@ -30,7 +30,7 @@ use crate::proxy::headers::{
 };
 use crate::proxy::observe::{Observed, Report};
 use crate::proxy::pool::{
-    BodyWatch, ClientBody, FailKind, Lease, ReqBody, SendError, SendOpts, Wire,
+    BodyWatch, ClientBody, FailKind, Lease, ReqBody, SendError, SendOpts, UpBody, Wire,
 };
 use crate::proxy::proto_name;
 use crate::proxy::spans::Outcome;
@@ -542,10 +542,7 @@ fn judge(
     t: &Target,
     idx: usize,
     report: Report,
-    result: Result<
-        Result<(http::Response<Incoming>, Lease), SendError>,
-        tokio::time::error::Elapsed,
-    >,
+    result: Result<Result<(http::Response<UpBody>, Lease), SendError>, tokio::time::error::Elapsed>,
     sent: Instant,
     grpc: bool,
     watch: Option<&BodyWatch>,

@@ -1,25 +1,46 @@
 //! HTTP/1.1 connections to one endpoint: reused last-in first-out, one request at a time each.
+//!
+//! A request whose body is in memory (no body, or one buffered for retries) is sent by meshd's own client
+//! ([`wire1`](super::wire1)) in the request's task. A request that streams its body goes through hyper's client,
+//! which runs the connection as a task of its own; an idle connection of meshd's own turns into a hyper
+//! connection for it (and stays one).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
+use super::wire1;
 use super::{
     ConnectError, H1_IDLE_TIMEOUT, H1_MAX_CONNECTIONS, H1_MAX_IDLE, ReqBody, SendError, SendOpts,
-    Upstreams, Wire, connect, connect_failed, send_error,
+    UpBody, Upstreams, Wire, connect, connect_failed, send_error,
 };
+use crate::telemetry::metrics::OpenGauge;
 
 /// How long a released connection may take to be ready for its next request before it is dropped.
 const READY_WAIT: Duration = Duration::from_secs(1);
 
+/// A connection of either client.
+enum Conn {
+    Own(wire1::Conn),
+    Hyper(SendRequest<ReqBody>),
+}
+
+impl Conn {
+    fn usable(&self) -> bool {
+        match self {
+            Conn::Own(c) => c.usable(),
+            Conn::Hyper(s) => s.is_ready(),
+        }
+    }
+}
+
 struct Idle {
-    send: SendRequest<ReqBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -43,7 +64,7 @@ impl Drop for Waiter<'_> {
     }
 }
 
-/// A connection being opened: one of `open` until it is handed to its task (or given back here).
+/// A connection being opened: one of `open` until its [`Slot`] exists (or given back here).
 struct Opening<'a>(Option<&'a Shared>);
 
 impl Drop for Opening<'_> {
@@ -54,14 +75,29 @@ impl Drop for Opening<'_> {
     }
 }
 
-/// The pool's state, shared with the leases and (weakly) with the connection tasks.
+/// An open connection's place in its pool (and in `meshd_upstream_connections`): given back when it drops.
+/// Never drop one while holding the pool's lock.
+pub struct Slot {
+    pool: Weak<Shared>,
+    _gauge: OpenGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.closed_one();
+        }
+    }
+}
+
+/// The pool's state, shared with the leases, the response bodies and (weakly) the connections.
 pub struct Shared {
     addr: SocketAddr,
     state: Mutex<State>,
     freed: Notify,
 }
 
-/// A connection carrying one request.
+/// A hyper connection carrying one request.
 pub struct Lease {
     send: Option<SendRequest<ReqBody>>,
     pool: Arc<Shared>,
@@ -86,7 +122,7 @@ pub async fn send_upgrade(
     addr: SocketAddr,
     req: Request<ReqBody>,
     connect_timeout: Duration,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpBody>, SendError> {
     let result = async {
         let stream = connect::tcp(addr, connect_timeout).await?;
         Builder::new()
@@ -112,6 +148,7 @@ pub async fn send_upgrade(
     });
     send.try_send_request(req)
         .await
+        .map(|resp| resp.map(UpBody::Hyper))
         .map_err(|e| send_error(e, addr, false))
 }
 
@@ -124,6 +161,10 @@ impl Shared {
         })
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn open(&self) -> usize {
         lock(&self.state).open
     }
@@ -131,13 +172,28 @@ impl Shared {
     pub async fn send(
         self: &Arc<Self>,
         up: &Upstreams,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
         opts: SendOpts,
-    ) -> Result<(Response<Incoming>, super::Lease), SendError> {
-        let (mut send, reused) = self.checkout(up, opts).await?;
+    ) -> Result<(Response<UpBody>, super::Lease), SendError> {
+        let (conn, reused) = self.checkout(up, opts).await?;
+        let send = match conn {
+            Conn::Own(conn) => match wire1::eligible(&mut req) {
+                Some(body) => {
+                    let (head, _) = req.into_parts();
+                    let resp = wire1::send(conn, head, body, reused, self).await?;
+                    return Ok((resp.map(UpBody::H1), super::Lease::InBody));
+                }
+                None => match self.hand_to_hyper(up, conn).await {
+                    Ok(send) => send,
+                    Err(e) => return Err(connect_failed(&e)),
+                },
+            },
+            Conn::Hyper(send) => send,
+        };
+        let mut send = send;
         match send.try_send_request(req).await {
             Ok(resp) => Ok((
-                resp,
+                resp.map(UpBody::Hyper),
                 super::Lease::H1(Lease {
                     send: Some(send),
                     pool: self.clone(),
@@ -153,18 +209,21 @@ impl Shared {
         self: &Arc<Self>,
         up: &Upstreams,
         opts: SendOpts,
-    ) -> Result<(SendRequest<ReqBody>, bool), SendError> {
+    ) -> Result<(Conn, bool), SendError> {
+        // Connections to close: dropped after the lock (a connection's slot takes the lock as it drops).
+        let mut closing = Vec::new();
         loop {
             let waiter = {
                 let mut st = lock(&self.state);
                 if !opts.fresh {
                     let now = Instant::now();
                     while let Some(idle) = st.idle.pop() {
-                        if idle.send.is_ready() && now.duration_since(idle.since) < H1_IDLE_TIMEOUT
-                        {
-                            return Ok((idle.send, true));
+                        if idle.conn.usable() && now.duration_since(idle.since) < H1_IDLE_TIMEOUT {
+                            drop(st);
+                            return Ok((idle.conn, true));
                         }
-                        // Closed by the upstream, or idle too long: dropping it closes it.
+                        // Closed by the upstream, or idle too long.
+                        closing.push(idle.conn);
                     }
                 }
                 if st.open < H1_MAX_CONNECTIONS {
@@ -173,23 +232,25 @@ impl Shared {
                 }
                 if opts.fresh && !st.idle.is_empty() {
                     // At the cap, a fresh connection has to replace an idle one.
-                    st.idle.remove(0);
+                    closing.push(st.idle.remove(0).conn);
                 }
                 st.waiting += 1;
                 Waiter(self)
             };
+            closing.clear();
             // `notify_one` keeps a permit when nobody waits yet, so no release is missed.
             self.freed.notified().await;
             drop(waiter);
         }
+        drop(closing);
         // Counted as open from here: given back if the connect fails or the caller gives up meanwhile.
-        let mut slot = Opening(Some(self));
+        let mut opening = Opening(Some(self));
         // Boxed: connecting is the rare path, and its future would make every request's future larger.
         match Box::pin(self.connect(up, opts.connect_timeout)).await {
-            Ok(send) => {
-                // From now on the connection's own task gives the slot back when it ends.
-                slot.0 = None;
-                Ok((send, false))
+            Ok(conn) => {
+                // From now on the connection's slot gives the place back when it closes.
+                opening.0 = None;
+                Ok((Conn::Own(conn), false))
             }
             Err(e) => Err(connect_failed(&e)),
         }
@@ -199,33 +260,15 @@ impl Shared {
         self: &Arc<Self>,
         up: &Upstreams,
         timeout: Duration,
-    ) -> Result<SendRequest<ReqBody>, ConnectError> {
-        let result = async {
-            let stream = connect::tcp(self.addr, timeout).await?;
-            Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    addr: self.addr,
-                    source,
-                })
-        }
-        .await;
-        match result {
-            Ok((send, conn)) => {
+    ) -> Result<wire1::Conn, ConnectError> {
+        match connect::tcp(self.addr, timeout).await {
+            Ok(stream) => {
                 up.metrics.connected(Wire::H1.as_str());
-                let gauge = up.metrics.open(Wire::H1.as_str());
-                let pool: Weak<Shared> = Arc::downgrade(self);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-                    }
-                    drop(gauge);
-                    if let Some(pool) = pool.upgrade() {
-                        pool.closed_one();
-                    }
-                });
-                Ok(send)
+                let slot = Slot {
+                    pool: Arc::downgrade(self),
+                    _gauge: up.metrics.open(Wire::H1.as_str()),
+                };
+                Ok(wire1::Conn::new(stream, slot))
             }
             Err(e) => {
                 up.metrics.connect_failed(Wire::H1.as_str(), e.label());
@@ -234,7 +277,33 @@ impl Shared {
         }
     }
 
-    /// A connection task ended (or a connect failed): one fewer open connection.
+    /// Turns a connection of meshd's own into a hyper connection, for a request only hyper sends.
+    async fn hand_to_hyper(
+        &self,
+        up: &Upstreams,
+        conn: wire1::Conn,
+    ) -> Result<SendRequest<ReqBody>, ConnectError> {
+        let (io, slot) = conn.into_parts();
+        let (send, conn) = match Builder::new().handshake(TokioIo::new(io)).await {
+            Ok(ok) => ok,
+            Err(source) => {
+                up.metrics.connect_failed(Wire::H1.as_str(), "handshake");
+                return Err(ConnectError::Handshake {
+                    addr: self.addr,
+                    source,
+                });
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+            drop(slot);
+        });
+        Ok(send)
+    }
+
+    /// A connection closed (or a connect failed): one fewer open connection.
     fn closed_one(&self) {
         let mut st = lock(&self.state);
         st.open = st.open.saturating_sub(1);
@@ -243,13 +312,13 @@ impl Shared {
         }
     }
 
-    /// A request is done with its connection.
+    /// A request is done with its hyper connection.
     fn release(self: &Arc<Self>, send: SendRequest<ReqBody>) {
         if send.is_closed() {
             return;
         }
         if send.is_ready() {
-            self.park(send);
+            self.park(Conn::Hyper(send));
             return;
         }
         // hyper marks the connection ready once it has finished reading the response; give it a moment.
@@ -257,19 +326,26 @@ impl Shared {
         tokio::spawn(async move {
             let mut send = send;
             if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, send.ready()).await {
-                pool.park(send);
+                pool.park(Conn::Hyper(send));
             }
         });
     }
 
-    fn park(&self, send: SendRequest<ReqBody>) {
+    /// A response body of meshd's own client has ended, leaving its connection ready for another request.
+    pub fn park_own(&self, conn: wire1::Conn) {
+        self.park(Conn::Own(conn));
+    }
+
+    fn park(&self, conn: Conn) {
         let mut st = lock(&self.state);
         if st.idle.len() >= H1_MAX_IDLE {
-            // Too many idle already: this one closes.
+            // Too many idle already: this one closes (after the lock).
+            drop(st);
+            drop(conn);
             return;
         }
         st.idle.push(Idle {
-            send,
+            conn,
             since: Instant::now(),
         });
         if st.waiting > 0 {
@@ -278,8 +354,14 @@ impl Shared {
     }
 
     pub fn sweep(&self, now: Instant) {
-        let mut st = lock(&self.state);
-        st.idle
-            .retain(|i| !i.send.is_closed() && now.duration_since(i.since) < H1_IDLE_TIMEOUT);
+        let closing: Vec<Conn> = {
+            let mut st = lock(&self.state);
+            let (keep, close): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|i| i.conn.usable() && now.duration_since(i.since) < H1_IDLE_TIMEOUT);
+            st.idle = keep;
+            close.into_iter().map(|i| i.conn).collect()
+        };
+        drop(closing);
     }
 }

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::watch;
@@ -145,7 +144,7 @@ impl Shared {
         up: &Upstreams,
         req: Request<ReqBody>,
         opts: SendOpts,
-    ) -> Result<(Response<Incoming>, super::Lease), SendError> {
+    ) -> Result<(Response<super::UpBody>, super::Lease), SendError> {
         let conn = match self.pick(up, opts) {
             Pick::Ready(c) => c,
             Pick::Wait(mut rx) => {
@@ -175,7 +174,7 @@ impl Shared {
         let lease = Lease { conn };
         let mut send = lease.conn.send.clone();
         match send.try_send_request(req).await {
-            Ok(resp) => Ok((resp, super::Lease::H2(lease))),
+            Ok(resp) => Ok((resp.map(super::UpBody::Hyper), super::Lease::H2(lease))),
             // A broken HTTP/2 connection is never "stale": requests it refused say so (REFUSED_STREAM), and
             // one that was never written comes back unsent.
             Err(e) => Err(send_error(e, self.addr, false)),

@@ -20,16 +20,19 @@ pub mod body;
 pub mod connect;
 pub mod h1;
 pub mod h2;
+pub mod wire1;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 
 use crate::telemetry::metrics::UpstreamMetrics;
 
@@ -146,6 +149,45 @@ pub struct SendOpts {
 pub enum Lease {
     H1(h1::Lease),
     H2(h2::Lease),
+    /// The response body holds the connection itself (meshd's own HTTP/1.1 client, [`wire1`]).
+    InBody,
+}
+
+/// A response body from an upstream: from hyper's client (HTTP/2, and HTTP/1.1 requests that stream their
+/// body), or read by meshd's own HTTP/1.1 client.
+#[derive(Debug)]
+pub enum UpBody {
+    Hyper(Incoming),
+    H1(wire1::Body),
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::H1(b) => b.size_hint(),
+        }
+    }
 }
 
 /// One endpoint's connections.
@@ -187,7 +229,7 @@ impl Pool {
         up: &'a Upstreams,
         req: Request<ReqBody>,
         opts: SendOpts,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(Response<UpBody>, Lease), SendError>> + Send + 'a {
         match &self.inner {
             Inner::H1(p) => Either::Left(p.send(up, req, opts)),
             Inner::H2(p) => Either::Right(p.send(up, req, opts)),
@@ -204,7 +246,7 @@ impl Pool {
         req: Request<ReqBody>,
         opts: SendOpts,
         again: impl FnOnce() -> Option<Request<ReqBody>>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<UpBody>, Lease), SendError> {
         let mut err = match self.send(up, req, opts).await {
             Err(e) if e.kind == FailKind::Stale => e,
             other => return other,
