@@ -436,12 +436,18 @@ async fn connect_failures_retry_on_another_endpoint() {
             &agent,
             "POST",
             "web",
-            "/",
+            "/echo",
             &[("mesh-retryable", "true")],
             b"x".to_vec(),
         )
         .await;
         assert_eq!(got.status, StatusCode::OK, "{got:?}");
+        // The retry is the same request: its body, and one of each header meshd sets.
+        assert_eq!(got.body, "x");
+        assert_eq!(
+            (got.header("x-seen-host"), got.header("x-seen-te")),
+            ("web", "trailers")
+        );
     }
     agent.stop().await;
 }

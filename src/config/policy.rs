@@ -237,6 +237,10 @@ impl Conditions {
     pub fn grpc_status(&self, code: u8) -> bool {
         self.grpc.contains(&code)
     }
+    /// Whether any response (a status, a gRPC status) is a reason to retry.
+    pub fn any_response(&self) -> bool {
+        self.any_5xx || !self.statuses.is_empty() || !self.grpc.is_empty()
+    }
 }
 
 impl Serialize for Conditions {

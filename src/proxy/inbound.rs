@@ -304,11 +304,19 @@ impl Inbound {
 
         // A stale kept-alive connection is retried on a fresh one when that is safe: no body to hold, and a
         // request that may be sent twice.
+        // meshd's own HTTP/1.1 client gives a stale request back; for any other a copy is kept for it.
         let bodiless = body.is_end_stream();
-        let again_head = (bodiless && safe_to_repeat).then(|| head.clone());
-        let again = move || {
-            again_head
-                .map(|h| Request::from_parts(h, Either::Right(Full::new(bytes::Bytes::new()))))
+        let resend = bodiless && safe_to_repeat;
+        let again_head =
+            (resend && !local.state.pool.keeps_request(&head, 0)).then(|| head.clone());
+        let again = move |written: Option<Request<ReqBody>>| {
+            if !resend {
+                return None;
+            }
+            written.or_else(|| {
+                again_head
+                    .map(|h| Request::from_parts(h, Either::Right(Full::new(bytes::Bytes::new()))))
+            })
         };
         let (body, watch): (ReqBody, _) = if bodiless {
             (Either::Right(Full::new(bytes::Bytes::new())), None)

@@ -161,7 +161,14 @@ pub async fn run(
         // Copy the head only when another send may need it. The copy is the spare: this attempt takes the
         // original, whose header table has room for what `for_endpoint` adds (a copy's has none).
         let last = attempt >= max_attempts && !resend_if_stale;
-        let this_head = if last {
+        // meshd's own HTTP/1.1 client gives the request back when it failed before it could have been processed:
+        // a failed connect (the only failure retried here unless the policy also retries timeouts or statuses,
+        // after which the request is gone) and a stale connection. Then it needs no copy.
+        let given_back = !last
+            && matches!(&payload, Payload::Replay(b) if endpoint.state.pool.keeps_request(&head, b.len()))
+            && !policy.retry.on.timeout
+            && !policy.retry.on.any_response();
+        let this_head = if last || given_back {
             std::mem::replace(&mut head, Request::new(()).into_parts().0)
         } else {
             let spare = head.clone();
@@ -175,7 +182,11 @@ pub async fn run(
             (ids, h.sampled.then(std::time::SystemTime::now))
         });
         let trace = ctx.hop.as_ref();
-        let again = || {
+        let again = |written: Option<Request<ReqBody>>| {
+            if written.is_some() || given_back {
+                // As written: the same trace context and deadline (a stale resend is the same attempt).
+                return written.filter(|_| resend_if_stale);
+            }
             resend_if_stale.then(|| {
                 let body = payload.take();
                 let mut req = for_endpoint(head.clone(), body, endpoint, &t, try_deadline, hop);
@@ -291,8 +302,18 @@ pub async fn run(
                 .inc();
         }
         let backoff = retry_backoff(attempt - 1, rng.f64());
-        let can_retry =
-            retry_wanted && attempt < max_attempts && Instant::now() + backoff < t.deadline && {
+        // Without a copy, a retry sends the request the failed attempt gave back.
+        let recovered = match &mut result {
+            Attempt::Failed(e) if given_back && retry_wanted => {
+                e.take_request().map(|r| r.into_parts().0)
+            }
+            _ => None,
+        };
+        let can_retry = retry_wanted
+            && (!given_back || recovered.is_some())
+            && attempt < max_attempts
+            && Instant::now() + backoff < t.deadline
+            && {
                 let granted = t.logical.state.budget_withdraw(&budget, Instant::now());
                 if !granted {
                     out.policy_metrics
@@ -303,6 +324,9 @@ pub async fn run(
                 granted
             };
         if can_retry {
+            if let Some(h) = recovered {
+                head = h;
+            }
             tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
             // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.
             drop(result);
@@ -592,6 +616,7 @@ fn judge(
                 kind: FailKind::ClientTimeout,
                 detail: "the request body did not arrive before the request's deadline".into(),
                 unsent: None,
+                written: None,
             })
         }
         Err(_elapsed) => {
@@ -606,6 +631,7 @@ fn judge(
                     crate::util::duration::format(Duration::from_millis(waited.as_millis() as u64))
                 ),
                 unsent: None,
+                written: None,
             })
         }
     }

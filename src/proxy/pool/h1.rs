@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
+use http_body_util::{Either, Full};
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
@@ -175,20 +176,35 @@ impl Shared {
         mut req: Request<ReqBody>,
         opts: SendOpts,
     ) -> Result<(Response<UpBody>, super::Lease), SendError> {
-        let (conn, reused) = self.checkout(up, opts).await?;
-        let send = match conn {
-            Conn::Own(conn) => match wire1::eligible(&mut req) {
-                Some(body) => {
-                    let (head, _) = req.into_parts();
-                    let resp = wire1::send(conn, head, body, reused, self).await?;
-                    return Ok((resp.map(UpBody::H1), super::Lease::InBody));
+        let own = wire1::eligible(&mut req);
+        let (conn, reused) = match self.checkout(up, opts, own.is_some()).await {
+            Ok(ok) => ok,
+            Err(mut e) => {
+                // Never written: the caller may send it elsewhere (see `Pool::keeps_request`).
+                if let Some(body) = own {
+                    *req.body_mut() = Either::Right(Full::new(body));
+                    e.unsent = Some(Box::new(req));
                 }
-                None => match self.hand_to_hyper(up, conn).await {
-                    Ok(send) => send,
-                    Err(e) => return Err(connect_failed(&e)),
-                },
+                return Err(e);
+            }
+        };
+        let send = match (conn, own) {
+            (Conn::Own(conn), Some(body)) => {
+                let (head, _) = req.into_parts();
+                let resp = wire1::send(conn, head, body, reused, self).await?;
+                return Ok((resp.map(UpBody::H1), super::Lease::InBody));
+            }
+            (Conn::Own(conn), None) => match self.hand_to_hyper(up, conn).await {
+                Ok(send) => send,
+                Err(e) => return Err(connect_failed(&e)),
             },
-            Conn::Hyper(send) => send,
+            (Conn::Hyper(send), own) => {
+                // Not picked for a request of meshd's own client; should it happen, hyper sends it.
+                if let Some(body) = own {
+                    *req.body_mut() = Either::Right(Full::new(body));
+                }
+                send
+            }
         };
         let mut send = send;
         match send.try_send_request(req).await {
@@ -204,11 +220,13 @@ impl Shared {
         }
     }
 
-    /// An idle connection that is still usable (reused = true), or a new one.
+    /// An idle connection that is still usable (reused = true), or a new one. `own`: one of meshd's own
+    /// client's (idle hyper connections are left for requests that stream their body).
     async fn checkout(
         self: &Arc<Self>,
         up: &Upstreams,
         opts: SendOpts,
+        own: bool,
     ) -> Result<(Conn, bool), SendError> {
         // Connections to close: dropped after the lock (a connection's slot takes the lock as it drops).
         let mut closing = Vec::new();
@@ -217,13 +235,25 @@ impl Shared {
                 let mut st = lock(&self.state);
                 if !opts.fresh {
                     let now = Instant::now();
+                    let mut passed = Vec::new();
+                    let mut found = None;
                     while let Some(idle) = st.idle.pop() {
+                        if own && matches!(idle.conn, Conn::Hyper(_)) {
+                            passed.push(idle);
+                            continue;
+                        }
                         if idle.conn.usable() && now.duration_since(idle.since) < H1_IDLE_TIMEOUT {
-                            drop(st);
-                            return Ok((idle.conn, true));
+                            found = Some(idle.conn);
+                            break;
                         }
                         // Closed by the upstream, or idle too long.
                         closing.push(idle.conn);
+                    }
+                    // The ones passed over stay idle, in their order.
+                    st.idle.extend(passed.into_iter().rev());
+                    if let Some(conn) = found {
+                        drop(st);
+                        return Ok((conn, true));
                     }
                 }
                 if st.open < H1_MAX_CONNECTIONS {

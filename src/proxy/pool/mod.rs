@@ -110,6 +110,9 @@ pub struct SendError {
     pub detail: String,
     /// The request, when it was never written to a connection (it can be sent elsewhere as it is).
     pub unsent: Option<Box<Request<ReqBody>>>,
+    /// The request as it was written to a kept-alive connection that turned out stale, given back by meshd's
+    /// own HTTP/1.1 client (see [`Pool::keeps_request`]): a resend needs no copy of its own.
+    pub written: Option<Box<Request<ReqBody>>>,
 }
 
 impl SendError {
@@ -118,7 +121,16 @@ impl SendError {
             kind,
             detail,
             unsent: None,
+            written: None,
         }
+    }
+
+    /// The request, when the connection gave it back (written or not).
+    pub fn take_request(&mut self) -> Option<Request<ReqBody>> {
+        self.unsent
+            .take()
+            .or_else(|| self.written.take())
+            .map(|r| *r)
     }
 }
 
@@ -236,22 +248,35 @@ impl Pool {
         }
     }
 
+    /// Whether a request with this head and a body of `body_len` bytes held in memory, sent here, comes back
+    /// in its [`SendError`] when it fails before a response: when it was never written (a failed connect) or
+    /// went out on a stale connection. meshd's own HTTP/1.1 client sends such requests ([`wire1`]); hyper's
+    /// clients keep what they wrote.
+    pub fn keeps_request(&self, head: &http::request::Parts, body_len: usize) -> bool {
+        self.key.wire == Wire::H1 && wire1::sendable(head, body_len as u64)
+    }
+
     /// Sends `req`, and when the connection it went out on turns out stale (the upstream had closed it before
     /// sending a byte of response) sends it once more on a fresh connection: as it came back, when it was never
-    /// written, or as `again` rebuilds it — `again` returns `None` when the request is not safe to send twice.
-    /// The first, stale attempt is nobody's failure: the caller never sees it.
+    /// written, or as `again` rebuilds it from the written request (when the connection gave it back) —
+    /// `again` returns `None` when the request is not safe to send twice. The first, stale attempt is nobody's
+    /// failure: the caller never sees it.
     pub async fn send_or_resend_stale(
         &self,
         up: &Upstreams,
         req: Request<ReqBody>,
         opts: SendOpts,
-        again: impl FnOnce() -> Option<Request<ReqBody>>,
+        again: impl FnOnce(Option<Request<ReqBody>>) -> Option<Request<ReqBody>>,
     ) -> Result<(Response<UpBody>, Lease), SendError> {
         let mut err = match self.send(up, req, opts).await {
             Err(e) if e.kind == FailKind::Stale => e,
             other => return other,
         };
-        let Some(retry) = err.unsent.take().map(|r| *r).or_else(again) else {
+        let retry = match err.unsent.take() {
+            Some(unsent) => Some(*unsent),
+            None => again(err.written.take().map(|r| *r)),
+        };
+        let Some(retry) = retry else {
             return Err(err);
         };
         up.metrics.stale_retries.inc();
@@ -354,6 +379,7 @@ fn send_error(
         kind,
         detail,
         unsent,
+        written: None,
     }
 }
 

@@ -152,18 +152,14 @@ async fn write_all(
 pub fn eligible(req: &mut Request<ReqBody>) -> Option<Bytes> {
     // HTTP/1.0 has other framing and keep-alive rules; an HTTP/2 request's version goes out as HTTP/1.1 (as
     // hyper does).
-    if req.version() <= Version::HTTP_10 || req.method() == Method::CONNECT {
+    if req.version() <= Version::HTTP_10 {
         return None;
     }
-    let http_body_util::Either::Right(full) = req.body_mut() else {
+    let http_body_util::Either::Right(full) = req.body() else {
         return None;
     };
     let len = full.size_hint().exact()?;
-    let headers = req.headers();
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return None;
-    }
-    if len > 0 && headers.contains_key(CONTENT_LENGTH) && content_length(headers) != Ok(Some(len)) {
+    if !sendable_head(req.method(), req.headers(), len) {
         return None;
     }
     let http_body_util::Either::Right(full) = req.body_mut() else {
@@ -178,11 +174,25 @@ pub fn eligible(req: &mut Request<ReqBody>) -> Option<Bytes> {
     Some(bytes)
 }
 
+/// Whether a request with this head and a body of `len` bytes in memory is one this client sends (its
+/// version aside: the pool sends HTTP/1.1).
+pub fn sendable(head: &http::request::Parts, len: u64) -> bool {
+    sendable_head(&head.method, &head.headers, len)
+}
+
+fn sendable_head(method: &Method, headers: &HeaderMap, len: u64) -> bool {
+    *method != Method::CONNECT
+        && !headers.contains_key(TRANSFER_ENCODING)
+        && (len == 0
+            || !headers.contains_key(CONTENT_LENGTH)
+            || content_length(headers) == Ok(Some(len)))
+}
+
 /// Sends a request on `conn` and reads the response head. The response body reads on from the connection and
 /// gives it back to `pool` when it ends; a body that came with the head has done so already.
 pub async fn send(
     mut conn: Conn,
-    head: http::request::Parts,
+    mut head: http::request::Parts,
     body: Bytes,
     reused: bool,
     pool: &Arc<Shared>,
@@ -201,30 +211,27 @@ pub async fn send(
             } else {
                 (FailKind::Connect, format!("could not send to {addr}: {e}"))
             };
-            return Err(SendError {
-                kind,
-                detail,
-                unsent: Some(Box::new(Request::from_parts(
-                    head,
-                    http_body_util::Either::Right(Full::new(body)),
-                ))),
-            });
+            let mut err = SendError::new(kind, detail);
+            err.unsent = Some(Box::new(Request::from_parts(
+                head,
+                http_body_util::Either::Right(Full::new(body)),
+            )));
+            return Err(err);
         }
-        return Err(io_failure(e, reused, addr));
+        return Err(give_back(io_failure(e, reused, addr), head, body));
     }
-    drop(body);
     let head_request = head.method == Method::HEAD;
     let close_asked = head
         .headers
         .get(CONNECTION)
         .is_some_and(|v| has_token(v, "close"));
-    let mut recycled = head.headers;
 
     let mut got_any = false;
     let parsed = loop {
         if !conn.rbuf.is_empty() {
             got_any = true;
-            match parse_head(&mut conn.rbuf, head_request, &mut recycled) {
+            // The request's header table becomes the response's once the head is complete.
+            match parse_head(&mut conn.rbuf, head_request, &mut head.headers) {
                 Ok(Some(p)) => break p,
                 Ok(None) if conn.rbuf.len() > MAX_HEAD => {
                     return Err(malformed(addr, "a response head larger than 400 KiB"));
@@ -235,10 +242,11 @@ pub async fn send(
         }
         match conn.fill().await {
             Ok(0) if !got_any && reused => {
-                return Err(SendError::new(
+                let e = SendError::new(
                     FailKind::Stale,
                     format!("{addr} closed a kept-alive connection before responding"),
-                ));
+                );
+                return Err(give_back(e, head, body));
             }
             Ok(0) => {
                 return Err(SendError::new(
@@ -248,9 +256,10 @@ pub async fn send(
             }
             Ok(_) => {}
             Err(e) if got_any => return Err(io_failure(e, false, addr)),
-            Err(e) => return Err(io_failure(e, reused, addr)),
+            Err(e) => return Err(give_back(io_failure(e, reused, addr), head, body)),
         }
     };
+    drop(body);
     let Parsed {
         status,
         version,
@@ -301,6 +310,18 @@ pub async fn send(
         resp.extensions_mut().insert(reason);
     }
     Ok(resp)
+}
+
+/// A stale connection's failure carries the request as it was written (untouched: no response byte came), so
+/// that a resend needs no copy of its own.
+fn give_back(mut e: SendError, head: http::request::Parts, body: Bytes) -> SendError {
+    if e.kind == FailKind::Stale {
+        e.written = Some(Box::new(Request::from_parts(
+            head,
+            http_body_util::Either::Right(Full::new(body)),
+        )));
+    }
+    e
 }
 
 fn malformed(addr: std::net::SocketAddr, what: impl std::fmt::Display) -> SendError {
