@@ -184,8 +184,16 @@ pub async fn run(
         let trace = ctx.hop.as_ref();
         let again = |written: Option<Request<ReqBody>>| {
             if written.is_some() || given_back {
-                // As written: the same trace context and deadline (a stale resend is the same attempt).
-                return written.filter(|_| resend_if_stale);
+                // As written: the same trace context and deadline (a stale resend is the same attempt), with a
+                // `grpc-timeout` for the time left now.
+                let mut req = written.filter(|_| resend_if_stale)?;
+                if req.headers().contains_key(GRPC_TIMEOUT) {
+                    write_grpc_timeout(
+                        req.headers_mut(),
+                        try_deadline.saturating_duration_since(Instant::now()),
+                    );
+                }
+                return Some(req);
             }
             resend_if_stale.then(|| {
                 let body = payload.take();
@@ -326,6 +334,8 @@ pub async fn run(
         if can_retry {
             if let Some(h) = recovered {
                 head = h;
+                // It asked for trailers for its HTTP/1.1 hop; the next endpoint's may be HTTP/2.
+                head.headers.remove(header::TE);
             }
             tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
             // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.

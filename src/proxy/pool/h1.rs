@@ -263,6 +263,15 @@ impl Shared {
                 if opts.fresh && !st.idle.is_empty() {
                     // At the cap, a fresh connection has to replace an idle one.
                     closing.push(st.idle.remove(0).conn);
+                } else if own
+                    && let Some(i) = st
+                        .idle
+                        .iter()
+                        .position(|i| matches!(i.conn, Conn::Hyper(_)))
+                {
+                    // At the cap, an idle hyper connection is of no use to this request: it closes, and its
+                    // task's end makes room (and wakes a waiter).
+                    closing.push(st.idle.remove(i).conn);
                 }
                 st.waiting += 1;
                 Waiter(self)
