@@ -24,15 +24,6 @@ fn statics(name: &str, addrs: &[std::net::SocketAddr], protocol: &str) -> String
     )
 }
 
-/// Writes `raw` on a new connection and reads until the server closes (or 10 s pass).
-async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
     response.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;

@@ -504,6 +504,17 @@ async fn scripted_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
                 false,
             ),
             "/eof" => (vec![b"HTTP/1.1 200 OK\r\n\r\npart1-", b"part2"], true),
+            "/reason" => (
+                vec![b"HTTP/1.1 299 Fine Thanks\r\ncontent-length: 2\r\n\r\nok"],
+                false,
+            ),
+            "/both" => (
+                vec![
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n",
+                    b"2\r\nok\r\n0\r\n\r\n",
+                ],
+                false,
+            ),
             "/short" => (
                 vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123"],
                 true,
@@ -616,6 +627,21 @@ async fn http1_responses_are_read_as_framed_and_connections_reused_only_when_who
     assert_eq!(got.body, "0123456789");
     assert_eq!(conns(), 3);
 
+    // A reason phrase of the upstream's own reaches the client.
+    let raw = exchange(
+        agent.outbound,
+        b"GET /reason HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 299 Fine Thanks\r\n"), "{raw}");
+    assert_eq!(conns(), 3, "reused");
+    // Both Transfer-Encoding and Content-Length: read as chunked, and that connection is not trusted again.
+    let got = get(&agent, "raw", "/both").await;
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "ok"));
+    let got = get(&agent, "raw", "/split").await;
+    assert_eq!(got.body, "0123456789");
+    assert_eq!(conns(), 4);
+
     // A malformed head is the upstream failing: 502.
     let got = get(&agent, "raw", "/malformed").await;
     assert_eq!(
@@ -624,15 +650,6 @@ async fn http1_responses_are_read_as_framed_and_connections_reused_only_when_who
         "{got:?}"
     );
     agent.stop().await;
-}
-
-/// Writes `raw` on a new connection and reads until the server closes (or 10 s pass).
-async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The data and the trailer section of a chunked HTTP/1.1 response.

@@ -730,6 +730,16 @@ pub async fn endpoint_view(agent: &Agent, service: &str, addr: SocketAddr) -> se
 }
 
 /// GET `path` through the outbound listener with `Host: host` over HTTP/1.1.
+/// Writes `raw` on a new connection and reads until the server closes (or 10 s pass).
+pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub async fn get(agent: &Agent, host: &str, path: &str) -> Got {
     let req = Request::get(agent.url(path))
         .header("host", host)

@@ -83,6 +83,13 @@ pub struct Slot {
     _gauge: OpenGauge,
 }
 
+impl Slot {
+    /// The pool, while it exists (its endpoint may have left the table).
+    pub fn pool(&self) -> Option<Arc<Shared>> {
+        self.pool.upgrade()
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.upgrade() {
@@ -162,10 +169,6 @@ impl Shared {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     pub fn open(&self) -> usize {
         lock(&self.state).open
     }
@@ -191,7 +194,7 @@ impl Shared {
         let send = match (conn, own) {
             (Conn::Own(conn), Some(body)) => {
                 let (head, _) = req.into_parts();
-                let resp = wire1::send(conn, head, body, reused, self).await?;
+                let resp = wire1::send(conn, head, body, reused, self.addr).await?;
                 return Ok((resp.map(UpBody::H1), super::Lease::InBody));
             }
             (Conn::Own(conn), None) => match self.hand_to_hyper(up, conn).await {

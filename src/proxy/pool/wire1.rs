@@ -12,7 +12,7 @@
 //! - no body after HEAD, 204 or 304;
 //! - `Transfer-Encoding` ending in `chunked`: chunked (with trailers). Any other transfer coding: read until
 //!   the upstream closes. `Transfer-Encoding` in an HTTP/1.0 response is an error;
-//!   With `Content-Length` as well, the connection is not reused afterwards;
+//!   With `Content-Length` as well, that field is dropped and the connection is not reused afterwards;
 //! - `Content-Length`: that many bytes. Several fields or values must agree; an invalid one is an error;
 //! - neither: read until the upstream closes;
 //! - the connection is reused when the response allows it (HTTP/1.1 without `Connection: close`; HTTP/1.0
@@ -27,8 +27,8 @@
 //! hyper connection for them.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -38,7 +38,7 @@ use http_body_util::Full;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use super::h1::{Shared, Slot};
+use super::h1::Slot;
 use super::{FailKind, ReqBody, SendError};
 
 /// The most fields a response head (or a trailer section) may have: hyper's default.
@@ -189,15 +189,14 @@ fn sendable_head(method: &Method, headers: &HeaderMap, len: u64) -> bool {
 }
 
 /// Sends a request on `conn` and reads the response head. The response body reads on from the connection and
-/// gives it back to `pool` when it ends; a body that came with the head has done so already.
+/// gives it back to its pool when it ends; a body that came with the head has done so already.
 pub async fn send(
     mut conn: Conn,
     mut head: http::request::Parts,
     body: Bytes,
     reused: bool,
-    pool: &Arc<Shared>,
+    addr: SocketAddr,
 ) -> Result<Response<Body>, SendError> {
-    let addr = pool.addr();
     encode_head(&mut conn.wbuf, &head, body.len());
     if let Err((written, e)) = conn.write_request(&body).await {
         if written == 0 {
@@ -272,7 +271,6 @@ pub async fn send(
 
     let mut body = Body {
         conn: Some(conn),
-        pool: Some(pool.clone()),
         keep_alive,
         state: State::Done,
     };
@@ -324,11 +322,11 @@ fn give_back(mut e: SendError, head: http::request::Parts, body: Bytes) -> SendE
     e
 }
 
-fn malformed(addr: std::net::SocketAddr, what: impl std::fmt::Display) -> SendError {
+fn malformed(addr: SocketAddr, what: impl std::fmt::Display) -> SendError {
     SendError::new(FailKind::Other, format!("{addr} sent {what}"))
 }
 
-fn io_failure(e: io::Error, reused: bool, addr: std::net::SocketAddr) -> SendError {
+fn io_failure(e: io::Error, reused: bool, addr: SocketAddr) -> SendError {
     let stale = reused
         && matches!(
             e.kind(),
@@ -492,7 +490,9 @@ fn parse_head(
             keep_alive = false;
         }
         if framing == Framing::Chunked && headers.contains_key(CONTENT_LENGTH) {
-            // Both: read as chunked (RFC 9112 §6.3), but not trusted with another request.
+            // Both: read as chunked (RFC 9112 §6.3), the length not passed on (it does not describe the body
+            // meshd forwards), and the connection not trusted with another request.
+            headers.remove(CONTENT_LENGTH);
             keep_alive = false;
         }
         return Ok(Some(Parsed {
@@ -626,7 +626,6 @@ enum Chunk {
 /// the body has been read to its end and the response allows reuse; otherwise it closes with the body.
 pub struct Body {
     conn: Option<Conn>,
-    pool: Option<Arc<Shared>>,
     keep_alive: bool,
     state: State,
 }
@@ -641,13 +640,16 @@ impl Body {
     /// The body has ended: the connection goes back to its pool when it can carry another request.
     fn finish(&mut self) {
         self.state = State::Done;
-        let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.take()) else {
+        let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.keep_alive && conn.rbuf.is_empty() {
+        if self.keep_alive
+            && conn.rbuf.is_empty()
+            && let Some(pool) = conn.slot.pool()
+        {
             pool.park_own(conn);
         }
-        // Otherwise dropping it closes it.
+        // Otherwise dropping it closes it (and a pool that is gone has no use for it).
     }
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
