@@ -94,17 +94,14 @@ impl Conn {
     }
 
     /// Reads more into `rbuf`: the number of bytes read, 0 at the end of the stream.
+    ///
+    /// Through `poll_read`, not `try_read`: tokio forgets the socket's readiness after a read that did not fill
+    /// the buffer, so [`Conn::usable`] does not then need a read that can only say `EAGAIN`.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
