@@ -485,12 +485,13 @@ async fn drive<C>(
 ) where
     C: GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>>,
 {
-    // The loop runs at every wake-up of the connection (several per request): besides the connection it
-    // polls only the timer and the connection's signal, an atomic and a waker (a `Notify` or a cancellation
-    // token per event cost more than the rest of the loop).
+    // Each wake-up polls the connection, then its signal and its timer. What the connection does to its own
+    // activity while it is polled (the first bytes of a head, the end of a response: twice per HTTP/1 request)
+    // raises the signal without a wake-up, because it is read right after: a wake-up would poll the whole
+    // connection again for nothing.
     let mut conn = std::pin::pin!(conn);
     let mut timer = std::pin::pin!(tokio::time::sleep(limits.idle_timeout));
-    let signal = &info.activity.signal;
+    let activity = &info.activity;
     // Shutdown may have begun while the protocol was being detected (the signal is raised once).
     if force.is_cancelled() {
         return;
@@ -504,54 +505,98 @@ async fn drive<C>(
     // the runtime's timer wheel; this way a busy connection's timer fires about once per header timeout instead
     // of being moved twice per request.
     let mut armed: Option<Instant> = None;
-    loop {
-        // Once draining, an idle connection closes by itself: only a request head still needs its deadline (a
-        // passed idle deadline would fire again and again).
-        let next = info
-            .activity
-            .deadline(limits)
-            .filter(|(_, why)| !draining || *why == Why::Head);
-        if let Some((at, _)) = next
-            && armed.is_none_or(|a| at < a)
-        {
-            timer.as_mut().reset(at);
-            armed = Some(at);
-        }
-        tokio::select! {
-            biased;
-            res = conn.as_mut() => {
+    std::future::poll_fn(|cx| {
+        loop {
+            let res = {
+                let _polling = Polling::enter(&activity.signal);
+                conn.as_mut().poll(cx)
+            };
+            if let Poll::Ready(res) = res {
                 open.finish(res);
-                return;
+                return Poll::Ready(());
             }
-            bits = std::future::poll_fn(|cx| signal.poll_take(cx)) => {
+            // Set when the connection must be polled again now: it was just told to shut down gracefully.
+            let mut again = false;
+            while let Poll::Ready(bits) = activity.signal.poll_take(cx) {
                 if bits & Signal::FORCE != 0 {
-                    return;
+                    return Poll::Ready(());
                 }
-                let evicted = bits & Signal::CHANGED != 0 && info.activity.evicted.load(Ordering::Acquire);
+                let evicted =
+                    bits & Signal::CHANGED != 0 && activity.evicted.load(Ordering::Acquire);
                 if (evicted || bits & Signal::SHUTDOWN != 0) && !draining {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
+                    again = true;
                 }
             }
-            // Polled only while the connection has a deadline: a request in flight has none, and its wake-ups
-            // skip the timer. While there is one, at every wake-up: a version that skipped the polls of a
-            // timer polled once missed idle timeouts in the tests (the cause was not pinned down).
-            _ = timer.as_mut(), if armed.is_some() && next.is_some() => {
+            // The timer is polled while the connection has a deadline (a request in flight has none), at every
+            // wake-up: a version that skipped the polls of a timer polled once missed idle timeouts in the tests
+            // (the cause was not pinned down).
+            let mut fired = 0;
+            loop {
+                // Once draining, an idle connection closes by itself: only a request head still needs its
+                // deadline (a passed idle deadline would fire again and again).
+                let next = activity
+                    .deadline(limits)
+                    .filter(|(_, why)| !draining || *why == Why::Head);
+                let Some((at, _)) = next else { break };
+                if armed.is_none_or(|a| at < a) {
+                    timer.as_mut().reset(at);
+                    armed = Some(at);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    break;
+                }
                 armed = None;
-                match info.activity.deadline(limits) {
+                match activity.deadline(limits) {
                     Some((at, Why::Head)) if Instant::now() >= at => {
                         // A request head that did not arrive in time: drop the connection.
-                        return open.count_error("header-timeout");
+                        open.count_error("header-timeout");
+                        return Poll::Ready(());
                     }
                     Some((at, Why::Idle)) if Instant::now() >= at && !draining => {
                         draining = true;
                         conn.as_mut().graceful_shutdown();
+                        again = true;
+                        break;
                     }
-                    // Not due yet (or no longer there): the next turn sets the timer again.
-                    _ => {}
+                    // Not due yet (or no longer there): set the timer again. If it fires again at once, the
+                    // runtime's clock is behind ours: come back on the next turn rather than spin.
+                    _ => {
+                        fired += 1;
+                        if fired > 1 {
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                    }
                 }
             }
+            if !again {
+                return Poll::Pending;
+            }
         }
+    })
+    .await
+}
+
+thread_local! {
+    /// The signal of the connection this thread is polling right now, if any.
+    static POLLING: std::cell::Cell<*const Signal> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Marks a connection's signal as being polled on this thread: raising it then needs no wake-up, because
+/// [`drive`] reads it right after the poll.
+struct Polling(*const Signal);
+
+impl Polling {
+    fn enter(signal: &Signal) -> Polling {
+        Polling(POLLING.replace(signal))
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        POLLING.set(self.0);
     }
 }
 
@@ -589,7 +634,10 @@ impl Signal {
 
     fn raise(&self, bit: u8) {
         self.bits.fetch_or(bit, Ordering::AcqRel);
-        self.waker.wake();
+        // Raised by the connection itself while its task polls it: the task reads the bits after that poll.
+        if !std::ptr::eq(POLLING.get(), self) {
+            self.waker.wake();
+        }
     }
 
     /// The bits raised since the last call, once there are any.
