@@ -525,13 +525,15 @@ async fn drive<C>(
                     bits & Signal::CHANGED != 0 && activity.evicted.load(Ordering::Acquire);
                 if (evicted || bits & Signal::SHUTDOWN != 0) && !draining {
                     draining = true;
+                    // Inside the mark too: shutting down may drop a response body, which raises the signal.
+                    let _polling = Polling::enter(&activity.signal);
                     conn.as_mut().graceful_shutdown();
                     again = true;
                 }
             }
-            // The timer is polled while the connection has a deadline (a request in flight has none), at every
-            // wake-up: a version that skipped the polls of a timer polled once missed idle timeouts in the tests
-            // (the cause was not pinned down).
+            // The timer is polled at every wake-up while the connection has a deadline (a request in flight has
+            // none), and always right after a reset: a timer that fires hands its waker over, and a reset does
+            // not register a new one, so a timer reset and not polled again would fire unheard.
             let mut fired = 0;
             loop {
                 // Once draining, an idle connection closes by itself: only a request head still needs its
@@ -556,12 +558,14 @@ async fn drive<C>(
                     }
                     Some((at, Why::Idle)) if Instant::now() >= at && !draining => {
                         draining = true;
+                        let _polling = Polling::enter(&activity.signal);
                         conn.as_mut().graceful_shutdown();
                         again = true;
                         break;
                     }
-                    // Not due yet (or no longer there): set the timer again. If it fires again at once, the
-                    // runtime's clock is behind ours: come back on the next turn rather than spin.
+                    // Not due yet (the deadline moved or went): set the timer again. tokio fires no earlier than
+                    // the deadline, so it should not fire again at once; should it, come back on the next turn
+                    // rather than spin.
                     _ => {
                         fired += 1;
                         if fired > 1 {
@@ -585,16 +589,16 @@ thread_local! {
 }
 
 /// Marks a connection's signal as being polled on this thread: raising it then needs no wake-up, because
-/// [`drive`] reads it right after the poll.
-struct Polling(*const Signal);
+/// [`drive`] reads it right after the poll. The pointer is only compared, never followed.
+struct Polling<'a>(*const Signal, std::marker::PhantomData<&'a Signal>);
 
-impl Polling {
-    fn enter(signal: &Signal) -> Polling {
-        Polling(POLLING.replace(signal))
+impl<'a> Polling<'a> {
+    fn enter(signal: &'a Signal) -> Polling<'a> {
+        Polling(POLLING.replace(signal), std::marker::PhantomData)
     }
 }
 
-impl Drop for Polling {
+impl Drop for Polling<'_> {
     fn drop(&mut self) {
         POLLING.set(self.0);
     }
@@ -632,6 +636,10 @@ impl Signal {
     /// The drain deadline passed: close now.
     const FORCE: u8 = 4;
 
+    /// Sets `bit` and wakes the connection's task, unless that task raised it while polling the connection
+    /// (see [`Polling`]). That rests on two rules: only the task that drives the connection waits on the
+    /// signal (before [`drive`], `wait_evicted`; then `drive`), and `drive` follows every marked poll with a
+    /// look at the bits and the deadlines. A second waiter would miss wake-ups.
     fn raise(&self, bit: u8) {
         self.bits.fetch_or(bit, Ordering::AcqRel);
         // Raised by the connection itself while its task polls it: the task reads the bits after that poll.
