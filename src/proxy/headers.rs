@@ -283,20 +283,20 @@ pub fn read_deadline(headers: &HeaderMap) -> Option<Duration> {
     ))
 }
 
-/// Sets `mesh-deadline` to `deadline` as absolute unix milliseconds (toward a local upstream).
-pub fn write_deadline(headers: &mut HeaderMap, deadline: Instant) {
-    let left = millis(deadline.saturating_duration_since(Instant::now()));
+/// Sets `mesh-deadline` to `deadline` as absolute unix milliseconds (toward a local upstream); `now`: a
+/// reading of the clock the caller has just taken.
+pub fn write_deadline(headers: &mut HeaderMap, deadline: Instant, now: Instant) {
+    let left = millis(deadline.saturating_duration_since(now));
     headers.insert(
         MESH_DEADLINE,
         HeaderValue::from(unix_ms_now().saturating_add(left)),
     );
 }
 
-/// Sets `mesh-deadline` to the time left before `deadline`, as a relative budget (toward a peer agent).
-pub fn write_relative_deadline(headers: &mut HeaderMap, deadline: Instant) {
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis() as u64;
+/// Sets `mesh-deadline` to the time left before `deadline` (from `now`), as a relative budget (toward a peer
+/// agent).
+pub fn write_relative_deadline(headers: &mut HeaderMap, deadline: Instant, now: Instant) {
+    let left = deadline.saturating_duration_since(now).as_millis() as u64;
     if let Ok(v) = HeaderValue::from_str(&format!("{left}ms")) {
         headers.insert(MESH_DEADLINE, v);
     }
@@ -470,10 +470,18 @@ mod tests {
     fn deadlines_round_trip_in_both_forms() {
         let mut h = HeaderMap::new();
         assert_eq!(read_deadline(&h), None);
-        write_deadline(&mut h, Instant::now() + Duration::from_secs(5));
+        write_deadline(
+            &mut h,
+            Instant::now() + Duration::from_secs(5),
+            Instant::now(),
+        );
         let left = read_deadline(&h).unwrap();
         assert!(left <= Duration::from_secs(5) && left > Duration::from_secs(4));
-        write_relative_deadline(&mut h, Instant::now() + Duration::from_secs(5));
+        write_relative_deadline(
+            &mut h,
+            Instant::now() + Duration::from_secs(5),
+            Instant::now(),
+        );
         let v = h[MESH_DEADLINE].to_str().unwrap().to_string();
         assert!(v.ends_with("ms") && v.len() <= 6, "{v}");
         let left = read_deadline(&h).unwrap();

@@ -222,7 +222,8 @@ impl Inbound {
                 detail: "the request's deadline has already passed".into(),
             });
         }
-        let deadline = Instant::now() + timeout;
+        let now = Instant::now();
+        let deadline = now + timeout;
         let connect_timeout = config.policy_for(&service).connect_timeout;
         // An extended CONNECT names the app's upgrade protocol in `:protocol`.
         let upgrade = (req.method() == Method::CONNECT)
@@ -268,7 +269,7 @@ impl Inbound {
             }
             Wire::H2 => head.version = Version::HTTP_2,
         }
-        write_deadline(&mut head.headers, deadline);
+        write_deadline(&mut head.headers, deadline, now);
         if ctx.grpc || head.headers.contains_key(GRPC_TIMEOUT) {
             write_grpc_timeout(&mut head.headers, timeout);
         }

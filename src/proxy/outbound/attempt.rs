@@ -89,275 +89,307 @@ impl Payload {
 }
 
 /// Runs the attempts for `t` (`client`: the app's address, for `X-Forwarded-For`), and returns the response to give the client or the reason meshd answers itself.
-pub async fn run(
+// An async block, not an `async fn`: the future of an `async fn` holds each argument twice (as argument
+// and as local), and is copied in full at every move.
+#[allow(clippy::manual_async_fn)]
+pub fn run(
     out: &Outbound,
     ctx: &mut RequestCtx,
     t: super::target::Target,
     req: Request<Incoming>,
     client: &HeaderValue,
-) -> Result<Served, Refusal> {
-    let policy = t.policy();
-    let marked_retryable = ctx.sent.any(Present::MESH_CONTROL)
-        && req
-            .headers()
-            .get(MESH_RETRYABLE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-    let safe_to_repeat = idempotent(req.method()) || marked_retryable;
-    let hop = Hop {
-        grpc: ctx.grpc,
-        retryable: marked_retryable,
-        sent: ctx.sent,
-    };
-    let (mut head, body) = req.into_parts();
-    prepare_head(&mut head, ctx, &t, client);
-    let wanted_attempts = if safe_to_repeat {
-        policy.retry.max_attempts.max(1)
-    } else {
-        1
-    };
-    // A request that is safe to repeat has its small body held even without retries: a stale connection
-    // may still need a second send.
-    let mut payload = if body.is_end_stream() {
-        // Most requests: no body, and no future to build for reading one.
-        Payload::Replay(Bytes::new())
-    } else {
-        payload(&head, body, safe_to_repeat, &t).await?
-    };
-    let replayable = matches!(payload, Payload::Replay(_));
-    let watch = match &payload {
-        Payload::Stream(_, w) => Some(w.clone()),
-        Payload::Replay(_) => None,
-    };
-    let max_attempts = if replayable { wanted_attempts } else { 1 };
-    // A stale connection may be retried under the same rule as any retry, whatever max_attempts says.
-    let resend_if_stale = replayable && safe_to_repeat;
-
-    let budget = policy.retry.budget();
-    t.logical.state.budget_deposit(&budget, Instant::now());
-    let mut rng = fastrand::Rng::new();
-    let mut tried = Tried::default();
-    loop {
-        ctx.attempt += 1;
-        let attempt = ctx.attempt;
-        let now = Instant::now();
-        if now >= t.deadline {
-            return Err(Refusal::new(
-                Some(&t.service.name),
-                MeshError::Timeout,
-                format!(
-                    "service {:?}: no response within {}",
-                    t.service.name,
-                    crate::util::duration::format(policy.timeout)
-                ),
-            ));
-        }
-        let (idx, permit) = pick_endpoint(policy, &t.service, now, &mut rng, tried);
-        tried.add(idx);
-        let endpoint = &t.service.endpoints[idx];
-        ctx.endpoint = Some(endpoint.addr);
-        let try_deadline = policy
-            .per_try_timeout
-            .map_or(t.deadline, |p| (now + p).min(t.deadline));
-        // Copy the head only when another send may need it. The copy is the spare: this attempt takes the
-        // original, whose header table has room for what `for_endpoint` adds (a copy's has none).
-        let last = attempt >= max_attempts && !resend_if_stale;
-        // meshd's own HTTP/1.1 client gives the request back when it failed before it could have been processed:
-        // a failed connect (the only failure retried here unless the policy also retries timeouts or statuses,
-        // after which the request is gone) and a stale connection. Then it needs no copy.
-        let given_back = !last
-            && matches!(&payload, Payload::Replay(b) if endpoint.state.pool.keeps_request(&head, b.len()))
-            && !policy.retry.on.timeout
-            && !policy.retry.on.any_response();
-        let this_head = if last || given_back {
-            std::mem::replace(&mut head, Request::new(()).into_parts().0)
+) -> impl Future<Output = Result<Served, Refusal>> {
+    async move {
+        let policy = t.policy();
+        let marked_retryable = ctx.sent.any(Present::MESH_CONTROL)
+            && req
+                .headers()
+                .get(MESH_RETRYABLE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let safe_to_repeat = idempotent(req.method()) || marked_retryable;
+        let hop = Hop {
+            grpc: ctx.grpc,
+            retryable: marked_retryable,
+            sent: ctx.sent,
+        };
+        let (mut head, body) = req.into_parts();
+        prepare_head(&mut head, ctx, &t, client);
+        let wanted_attempts = if safe_to_repeat {
+            policy.retry.max_attempts.max(1)
         } else {
-            let spare = head.clone();
-            std::mem::replace(&mut head, spare)
+            1
         };
-        let mut req = for_endpoint(this_head, payload.take(), endpoint, &t, try_deadline, hop);
-        // A client span per attempt, its context in the attempt's headers (a stale resend is the same attempt).
-        let client = ctx.hop.as_ref().map(|h| {
-            let ids = h.attempt(req.headers_mut());
-            // The clock is read only for a span that will be recorded.
-            (ids, h.sampled.then(std::time::SystemTime::now))
-        });
-        let trace = ctx.hop.as_ref();
-        let again = |written: Option<Request<ReqBody>>| {
-            if written.is_some() || given_back {
-                // As written: the same trace context and deadline (a stale resend is the same attempt), with a
-                // `grpc-timeout` for the time left now.
-                let mut req = written.filter(|_| resend_if_stale)?;
-                if req.headers().contains_key(GRPC_TIMEOUT) {
-                    write_grpc_timeout(
-                        req.headers_mut(),
-                        try_deadline.saturating_duration_since(Instant::now()),
-                    );
-                }
-                return Some(req);
-            }
-            resend_if_stale.then(|| {
-                let body = payload.take();
-                let mut req = for_endpoint(head.clone(), body, endpoint, &t, try_deadline, hop);
-                if let (Some(h), Some((ids, _))) = (trace, &client) {
-                    h.write(req.headers_mut(), ids);
-                }
-                req
-            })
+        // A request that is safe to repeat has its small body held even without retries: a stale connection
+        // may still need a second send.
+        let mut payload = if body.is_end_stream() {
+            // Most requests: no body, and no future to build for reading one.
+            Payload::Replay(Bytes::new())
+        } else {
+            payload(&head, body, safe_to_repeat, &t).await?
         };
-        // The send is awaited here rather than in a function of its own: one layer less of future to build
-        // and copy on every request.
-        let report = Report::new(
-            t.service.clone(),
-            idx,
-            permit,
-            t.config.clone(),
-            t.logical.name.clone(),
-            out.policy_metrics.breaker_open.clone(),
-        );
-        let opts = SendOpts {
-            connect_timeout: policy.connect_timeout,
-            fresh: false,
+        let replayable = matches!(payload, Payload::Replay(_));
+        let watch = match &payload {
+            Payload::Stream(_, w) => Some(w.clone()),
+            Payload::Replay(_) => None,
         };
-        let pending = endpoint.state.start();
-        let sent = Instant::now();
-        let sending = endpoint
-            .state
-            .pool
-            .send_or_resend_stale(&out.upstreams, req, opts, again);
-        let outcome = tokio::time::timeout_at(try_deadline.into(), sending).await;
-        drop(pending);
-        let mut result = judge(&t, idx, report, outcome, sent, ctx.grpc, watch.as_ref());
+        let max_attempts = if replayable { wanted_attempts } else { 1 };
+        // A stale connection may be retried under the same rule as any retry, whatever max_attempts says.
+        let resend_if_stale = replayable && safe_to_repeat;
 
-        if let (Some(h), Some((ids, Some(start)))) = (&ctx.hop, &client) {
-            let (status, grpc_status, mesh_error, response_bytes) = match &result {
+        let budget = policy.retry.budget();
+        // One reading of the clock serves the deposit and the first attempt.
+        let mut now = Instant::now();
+        t.logical.state.budget_deposit(&budget, now);
+        let first = ctx.attempt + 1;
+        let mut rng = fastrand::Rng::new();
+        let mut tried = Tried::default();
+        loop {
+            ctx.attempt += 1;
+            let attempt = ctx.attempt;
+            if attempt > first {
+                now = Instant::now();
+            }
+            if now >= t.deadline {
+                return Err(Refusal::new(
+                    Some(&t.service.name),
+                    MeshError::Timeout,
+                    format!(
+                        "service {:?}: no response within {}",
+                        t.service.name,
+                        crate::util::duration::format(policy.timeout)
+                    ),
+                ));
+            }
+            let (idx, permit) = pick_endpoint(policy, &t.service, now, &mut rng, tried);
+            tried.add(idx);
+            let endpoint = &t.service.endpoints[idx];
+            ctx.endpoint = Some(endpoint.addr);
+            let try_deadline = policy
+                .per_try_timeout
+                .map_or(t.deadline, |p| (now + p).min(t.deadline));
+            // Copy the head only when another send may need it. The copy is the spare: this attempt takes the
+            // original, whose header table has room for what `for_endpoint` adds (a copy's has none).
+            let last = attempt >= max_attempts && !resend_if_stale;
+            // meshd's own HTTP/1.1 client gives the request back when it failed before it could have been processed:
+            // a failed connect (the only failure retried here unless the policy also retries timeouts or statuses,
+            // after which the request is gone) and a stale connection. Then it needs no copy.
+            let given_back = !last
+                && matches!(&payload, Payload::Replay(b) if endpoint.state.pool.keeps_request(&head, b.len()))
+                && !policy.retry.on.timeout
+                && !policy.retry.on.any_response();
+            let this_head = if last || given_back {
+                std::mem::replace(&mut head, Request::new(()).into_parts().0)
+            } else {
+                let spare = head.clone();
+                std::mem::replace(&mut head, spare)
+            };
+            let mut req = for_endpoint(
+                this_head,
+                payload.take(),
+                endpoint,
+                &t,
+                try_deadline,
+                now,
+                hop,
+            );
+            // A client span per attempt, its context in the attempt's headers (a stale resend is the same attempt).
+            let client = ctx.hop.as_ref().map(|h| {
+                let ids = h.attempt(req.headers_mut());
+                // The clock is read only for a span that will be recorded.
+                (ids, h.sampled.then(std::time::SystemTime::now))
+            });
+            let trace = ctx.hop.as_ref();
+            let again = |written: Option<Request<ReqBody>>| {
+                if written.is_some() || given_back {
+                    // As written: the same trace context and deadline (a stale resend is the same attempt), with a
+                    // `grpc-timeout` for the time left now.
+                    let mut req = written.filter(|_| resend_if_stale)?;
+                    if req.headers().contains_key(GRPC_TIMEOUT) {
+                        write_grpc_timeout(
+                            req.headers_mut(),
+                            try_deadline.saturating_duration_since(Instant::now()),
+                        );
+                    }
+                    return Some(req);
+                }
+                resend_if_stale.then(|| {
+                    let body = payload.take();
+                    let mut req = for_endpoint(
+                        head.clone(),
+                        body,
+                        endpoint,
+                        &t,
+                        try_deadline,
+                        Instant::now(),
+                        hop,
+                    );
+                    if let (Some(h), Some((ids, _))) = (trace, &client) {
+                        h.write(req.headers_mut(), ids);
+                    }
+                    req
+                })
+            };
+            // The send is awaited here rather than in a function of its own: one layer less of future to build
+            // and copy on every request.
+            let report = Report::new(
+                t.service.clone(),
+                idx,
+                permit,
+                t.config.clone(),
+                t.logical.name.clone(),
+                out.policy_metrics.breaker_open.clone(),
+            );
+            let opts = SendOpts {
+                connect_timeout: policy.connect_timeout,
+                fresh: false,
+            };
+            let pending = endpoint.state.start();
+            // The attempt's latency counts from `now`: building the request takes well under a microsecond.
+            let sent = now;
+            let sending =
+                endpoint
+                    .state
+                    .pool
+                    .send_or_resend_stale(&out.upstreams, req, opts, again);
+            let outcome = tokio::time::timeout_at(try_deadline.into(), sending).await;
+            drop(pending);
+            let mut result = judge(&t, idx, report, outcome, sent, ctx.grpc, watch.as_ref());
+
+            if let (Some(h), Some((ids, Some(start)))) = (&ctx.hop, &client) {
+                let (status, grpc_status, mesh_error, response_bytes) = match &result {
+                    Attempt::Response(r, _) => (
+                        Some(r.status().as_u16()),
+                        // Only a gRPC request's response means anything by it.
+                        ctx.grpc
+                            .then(|| crate::proxy::grpc_status_of(r.headers()))
+                            .flatten(),
+                        None,
+                        crate::proxy::content_length(r.headers()),
+                    ),
+                    Attempt::Failed(e) => (
+                        None,
+                        None,
+                        Some(MeshError::for_failure(e.kind).code()),
+                        None,
+                    ),
+                };
+                // A gRPC status that is not in the head comes in the trailers: the span ends with the body.
+                let pending =
+                    ctx.grpc && grpc_status.is_none() && matches!(result, Attempt::Response(..));
+                let outcome = Outcome {
+                    service: Some(t.service.name.clone()),
+                    endpoint: Some(endpoint.addr),
+                    peer_node: match &endpoint.location {
+                        Location::Remote { node, .. } => Some(node.as_str()),
+                        Location::Local { .. } => None,
+                    },
+                    method: Some(&ctx.method),
+                    status,
+                    grpc_status,
+                    attempt: Some(attempt),
+                    mesh_error,
+                    breaker: Some(endpoint.state.breaker_state(Instant::now()).as_str()),
+                    fault: None,
+                    request_bytes: ctx.request_bytes,
+                    response_bytes,
+                };
+                match &mut result {
+                    Attempt::Response(r, _) if pending => {
+                        if let Some(span) =
+                            out.observers.tracer.client_pending(h, ids, *start, outcome)
+                        {
+                            r.body_mut().end_span_with_body(span);
+                        }
+                    }
+                    _ => out.observers.tracer.client(
+                        h,
+                        ids,
+                        *start,
+                        start.elapsed().unwrap_or_default(),
+                        outcome,
+                    ),
+                }
+            }
+
+            // Decide on a retry.
+            let (retry_wanted, failed) = match &result {
                 Attempt::Response(r, _) => (
-                    Some(r.status().as_u16()),
-                    // Only a gRPC request's response means anything by it.
-                    ctx.grpc
-                        .then(|| crate::proxy::grpc_status_of(r.headers()))
-                        .flatten(),
-                    None,
-                    crate::proxy::content_length(r.headers()),
+                    policy.retry.on.status(r.status()),
+                    r.status().is_server_error(),
                 ),
                 Attempt::Failed(e) => (
-                    None,
-                    None,
-                    Some(MeshError::for_failure(e.kind).code()),
-                    None,
+                    match e.kind {
+                        FailKind::Connect => policy.retry.on.connect_failure,
+                        FailKind::RefusedStream => policy.retry.on.refused_stream,
+                        FailKind::Timeout => policy.retry.on.timeout,
+                        FailKind::Stale
+                        | FailKind::ClientBody
+                        | FailKind::ClientTimeout
+                        | FailKind::Other => false,
+                    },
+                    true,
                 ),
             };
-            // A gRPC status that is not in the head comes in the trailers: the span ends with the body.
-            let pending =
-                ctx.grpc && grpc_status.is_none() && matches!(result, Attempt::Response(..));
-            let outcome = Outcome {
-                service: Some(t.service.name.clone()),
-                endpoint: Some(endpoint.addr),
-                peer_node: match &endpoint.location {
-                    Location::Remote { node, .. } => Some(node.as_str()),
-                    Location::Local { .. } => None,
-                },
-                method: Some(&ctx.method),
-                status,
-                grpc_status,
-                attempt: Some(attempt),
-                mesh_error,
-                breaker: Some(endpoint.state.breaker_state(Instant::now()).as_str()),
-                fault: None,
-                request_bytes: ctx.request_bytes,
-                response_bytes,
+            if attempt > 1 {
+                let outcome = if failed { "failure" } else { "success" };
+                out.policy_metrics
+                    .retries
+                    .with_label_values(&[&t.logical.name, outcome])
+                    .inc();
+            }
+            let backoff = retry_backoff(attempt - 1, rng.f64());
+            // Without a copy, a retry sends the request the failed attempt gave back.
+            let recovered = match &mut result {
+                Attempt::Failed(e) if given_back && retry_wanted => {
+                    e.take_request().map(|r| r.into_parts().0)
+                }
+                _ => None,
             };
-            match &mut result {
-                Attempt::Response(r, _) if pending => {
-                    if let Some(span) = out.observers.tracer.client_pending(h, ids, *start, outcome)
-                    {
-                        r.body_mut().end_span_with_body(span);
+            let can_retry = retry_wanted
+                && (!given_back || recovered.is_some())
+                && attempt < max_attempts
+                && Instant::now() + backoff < t.deadline
+                && {
+                    let granted = t.logical.state.budget_withdraw(&budget, Instant::now());
+                    if !granted {
+                        out.policy_metrics
+                            .budget_exhausted
+                            .with_label_values(&[&t.logical.name])
+                            .inc();
                     }
+                    granted
+                };
+            if can_retry {
+                if let Some(h) = recovered {
+                    head = h;
+                    // It asked for trailers for its HTTP/1.1 hop; the next endpoint's may be HTTP/2.
+                    head.headers.remove(header::TE);
                 }
-                _ => out.observers.tracer.client(
-                    h,
-                    ids,
-                    *start,
-                    start.elapsed().unwrap_or_default(),
-                    outcome,
-                ),
+                tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
+                // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.
+                drop(result);
+                tokio::time::sleep(backoff).await;
+                continue;
             }
-        }
-
-        // Decide on a retry.
-        let (retry_wanted, failed) = match &result {
-            Attempt::Response(r, _) => (
-                policy.retry.on.status(r.status()),
-                r.status().is_server_error(),
-            ),
-            Attempt::Failed(e) => (
-                match e.kind {
-                    FailKind::Connect => policy.retry.on.connect_failure,
-                    FailKind::RefusedStream => policy.retry.on.refused_stream,
-                    FailKind::Timeout => policy.retry.on.timeout,
-                    FailKind::Stale
-                    | FailKind::ClientBody
-                    | FailKind::ClientTimeout
-                    | FailKind::Other => false,
-                },
-                true,
-            ),
-        };
-        if attempt > 1 {
-            let outcome = if failed { "failure" } else { "success" };
-            out.policy_metrics
-                .retries
-                .with_label_values(&[&t.logical.name, outcome])
-                .inc();
-        }
-        let backoff = retry_backoff(attempt - 1, rng.f64());
-        // Without a copy, a retry sends the request the failed attempt gave back.
-        let recovered = match &mut result {
-            Attempt::Failed(e) if given_back && retry_wanted => {
-                e.take_request().map(|r| r.into_parts().0)
-            }
-            _ => None,
-        };
-        let can_retry = retry_wanted
-            && (!given_back || recovered.is_some())
-            && attempt < max_attempts
-            && Instant::now() + backoff < t.deadline
-            && {
-                let granted = t.logical.state.budget_withdraw(&budget, Instant::now());
-                if !granted {
-                    out.policy_metrics
-                        .budget_exhausted
-                        .with_label_values(&[&t.logical.name])
-                        .inc();
+            return match result {
+                Attempt::Response(resp, has) => Ok(Served {
+                    service: t.service.clone(),
+                    resp: resp.map(Either::Left),
+                    has,
+                }),
+                Attempt::Failed(e) if e.kind == FailKind::ClientBody => {
+                    Err(
+                        Refusal::new(Some(&t.service.name), MeshError::BadRequest, e.detail)
+                            .closing(),
+                    )
                 }
-                granted
+                Attempt::Failed(e) => Err(Refusal::new(
+                    Some(&t.service.name),
+                    MeshError::for_failure(e.kind),
+                    format!("service {:?}: {}", t.service.name, e.detail),
+                )),
             };
-        if can_retry {
-            if let Some(h) = recovered {
-                head = h;
-                // It asked for trailers for its HTTP/1.1 hop; the next endpoint's may be HTTP/2.
-                head.headers.remove(header::TE);
-            }
-            tracing::debug!(service = %t.service.name, endpoint = %endpoint.addr, attempt, "retrying");
-            // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.
-            drop(result);
-            tokio::time::sleep(backoff).await;
-            continue;
         }
-        return match result {
-            Attempt::Response(resp, has) => Ok(Served {
-                service: t.service.clone(),
-                resp: resp.map(Either::Left),
-                has,
-            }),
-            Attempt::Failed(e) if e.kind == FailKind::ClientBody => {
-                Err(Refusal::new(Some(&t.service.name), MeshError::BadRequest, e.detail).closing())
-            }
-            Attempt::Failed(e) => Err(Refusal::new(
-                Some(&t.service.name),
-                MeshError::for_failure(e.kind),
-                format!("service {:?}: {}", t.service.name, e.detail),
-            )),
-        };
     }
 }
 
@@ -500,6 +532,7 @@ fn for_endpoint(
     endpoint: &Endpoint,
     t: &Target,
     try_deadline: Instant,
+    now: Instant,
     hop: Hop,
 ) -> Request<ReqBody> {
     let wire = endpoint.state.pool.key().wire;
@@ -523,7 +556,7 @@ fn for_endpoint(
         }
     }
     match &endpoint.location {
-        Location::Local { .. } => write_deadline(&mut head.headers, try_deadline),
+        Location::Local { .. } => write_deadline(&mut head.headers, try_deadline, now),
         Location::Remote { .. } => {
             head.headers
                 .insert(MESH_ENDPOINT, endpoint.addr_header.clone());
@@ -538,7 +571,7 @@ fn for_endpoint(
                 head.headers
                     .insert(MESH_RETRYABLE, HeaderValue::from_static("true"));
             }
-            write_relative_deadline(&mut head.headers, try_deadline);
+            write_relative_deadline(&mut head.headers, try_deadline, now);
         }
     }
     // The flag only saves the lookup when the app sent none: `Connection` may have named it for removal.
@@ -546,7 +579,7 @@ fn for_endpoint(
     {
         write_grpc_timeout(
             &mut head.headers,
-            try_deadline.saturating_duration_since(Instant::now()),
+            try_deadline.saturating_duration_since(now),
         );
     }
     Request::from_parts(head, body)

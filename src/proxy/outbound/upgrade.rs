@@ -113,7 +113,7 @@ pub async fn proxy(
             HeaderValue::from_static(proto_name(Version::HTTP_11)),
         );
         // The protocol travels as `:protocol`; the app's handshake headers (Sec-WebSocket-*) as they are.
-        write_relative_deadline(&mut head.headers, t.deadline);
+        write_relative_deadline(&mut head.headers, t.deadline, Instant::now());
         let mut req = Request::from_parts(head, body());
         if let Ok(p) = protocol.to_str() {
             req.extensions_mut().insert(hyper::ext::Protocol::from(p));

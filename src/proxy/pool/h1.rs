@@ -173,53 +173,58 @@ impl Shared {
         lock(&self.state).open
     }
 
-    pub async fn send(
+    // An async block, not an `async fn`: the future of an `async fn` holds each argument twice (as argument
+    // and as local), and is copied in full at every move.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: &Arc<Self>,
         up: &Upstreams,
         mut req: Request<ReqBody>,
         opts: SendOpts,
-    ) -> Result<(Response<UpBody>, super::Lease), SendError> {
-        let own = wire1::eligible(&mut req);
-        let (conn, reused) = match self.checkout(up, opts, own.is_some()).await {
-            Ok(ok) => ok,
-            Err(mut e) => {
-                // Never written: the caller may send it elsewhere (see `Pool::keeps_request`).
-                if let Some(body) = own {
-                    *req.body_mut() = Either::Right(Full::new(body));
-                    e.unsent = Some(Box::new(req));
+    ) -> impl Future<Output = Result<(Response<UpBody>, super::Lease), SendError>> {
+        async move {
+            let own = wire1::eligible(&mut req);
+            let (conn, reused) = match self.checkout(up, opts, own.is_some()).await {
+                Ok(ok) => ok,
+                Err(mut e) => {
+                    // Never written: the caller may send it elsewhere (see `Pool::keeps_request`).
+                    if let Some(body) = own {
+                        *req.body_mut() = Either::Right(Full::new(body));
+                        e.unsent = Some(Box::new(req));
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-        };
-        let send = match (conn, own) {
-            (Conn::Own(conn), Some(body)) => {
-                let (head, _) = req.into_parts();
-                let resp = wire1::send(conn, head, body, reused, self.addr).await?;
-                return Ok((resp.map(UpBody::H1), super::Lease::InBody));
-            }
-            (Conn::Own(conn), None) => match self.hand_to_hyper(up, conn).await {
-                Ok(send) => send,
-                Err(e) => return Err(connect_failed(&e)),
-            },
-            (Conn::Hyper(send), own) => {
-                // Not picked for a request of meshd's own client; should it happen, hyper sends it.
-                if let Some(body) = own {
-                    *req.body_mut() = Either::Right(Full::new(body));
+            };
+            let send = match (conn, own) {
+                (Conn::Own(conn), Some(body)) => {
+                    let (head, _) = req.into_parts();
+                    let resp = wire1::send(conn, head, body, reused, self.addr).await?;
+                    return Ok((resp.map(UpBody::H1), super::Lease::InBody));
                 }
-                send
+                (Conn::Own(conn), None) => match self.hand_to_hyper(up, conn).await {
+                    Ok(send) => send,
+                    Err(e) => return Err(connect_failed(&e)),
+                },
+                (Conn::Hyper(send), own) => {
+                    // Not picked for a request of meshd's own client; should it happen, hyper sends it.
+                    if let Some(body) = own {
+                        *req.body_mut() = Either::Right(Full::new(body));
+                    }
+                    send
+                }
+            };
+            let mut send = send;
+            match send.try_send_request(req).await {
+                Ok(resp) => Ok((
+                    resp.map(UpBody::Hyper),
+                    super::Lease::H1(Lease {
+                        send: Some(send),
+                        pool: self.clone(),
+                    }),
+                )),
+                // The connection is unusable after a failure: dropping `send` closes it.
+                Err(e) => Err(send_error(e, self.addr, reused)),
             }
-        };
-        let mut send = send;
-        match send.try_send_request(req).await {
-            Ok(resp) => Ok((
-                resp.map(UpBody::Hyper),
-                super::Lease::H1(Lease {
-                    send: Some(send),
-                    pool: self.clone(),
-                }),
-            )),
-            // The connection is unusable after a failure: dropping `send` closes it.
-            Err(e) => Err(send_error(e, self.addr, reused)),
         }
     }
 

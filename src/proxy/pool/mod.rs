@@ -261,31 +261,36 @@ impl Pool {
     /// written, or as `again` rebuilds it from the written request (when the connection gave it back) —
     /// `again` returns `None` when the request is not safe to send twice. The first, stale attempt is nobody's
     /// failure: the caller never sees it.
-    pub async fn send_or_resend_stale(
+    // An async block, not an `async fn`: the future of an `async fn` holds each argument twice (as argument
+    // and as local), and is copied in full at every move.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send_or_resend_stale(
         &self,
         up: &Upstreams,
         req: Request<ReqBody>,
         opts: SendOpts,
         again: impl FnOnce(Option<Request<ReqBody>>) -> Option<Request<ReqBody>>,
-    ) -> Result<(Response<UpBody>, Lease), SendError> {
-        let mut err = match self.send(up, req, opts).await {
-            Err(e) if e.kind == FailKind::Stale => e,
-            other => return other,
-        };
-        let retry = match err.unsent.take() {
-            Some(unsent) => Some(*unsent),
-            None => again(err.written.take().map(|r| *r)),
-        };
-        let Some(retry) = retry else {
-            return Err(err);
-        };
-        up.metrics.stale_retries.inc();
-        tracing::debug!(upstream = %self.key.addr, detail = %err.detail, "sending again on a fresh connection");
-        let fresh = SendOpts {
-            fresh: true,
-            ..opts
-        };
-        Box::pin(self.send(up, retry, fresh)).await
+    ) -> impl Future<Output = Result<(Response<UpBody>, Lease), SendError>> {
+        async move {
+            let mut err = match self.send(up, req, opts).await {
+                Err(e) if e.kind == FailKind::Stale => e,
+                other => return other,
+            };
+            let retry = match err.unsent.take() {
+                Some(unsent) => Some(*unsent),
+                None => again(err.written.take().map(|r| *r)),
+            };
+            let Some(retry) = retry else {
+                return Err(err);
+            };
+            up.metrics.stale_retries.inc();
+            tracing::debug!(upstream = %self.key.addr, detail = %err.detail, "sending again on a fresh connection");
+            let fresh = SendOpts {
+                fresh: true,
+                ..opts
+            };
+            Box::pin(self.send(up, retry, fresh)).await
+        }
     }
 
     /// Closes connections idle for too long (and forgets closed ones). Called every [`SWEEP_INTERVAL`].

@@ -47,6 +47,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// A read asks for at least this much room.
 const READ_CHUNK: usize = 8 * 1024;
+/// Response heads with at most this many fields are parsed without a heap allocation.
+const FEW_HEADERS: usize = 24;
 /// The longest chunk-size line (with its extensions) and the largest trailer section: hyper's limits.
 const MAX_CHUNK_LINE: usize = 16 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -109,18 +111,26 @@ impl Conn {
     }
 
     /// Writes the encoded head and then `body` (in one write when small). On failure, how many bytes went out.
-    async fn write_request(&mut self, body: &[u8]) -> Result<(), (usize, io::Error)> {
-        let coalesce = body.len() <= COALESCE;
-        if coalesce {
-            self.wbuf.extend_from_slice(body);
+    // An async block, not an `async fn`: the future of an `async fn` holds each argument twice (as argument
+    // and as local), and is copied in full at every move.
+    #[allow(clippy::manual_async_fn)]
+    fn write_request(
+        &mut self,
+        body: &[u8],
+    ) -> impl Future<Output = Result<(), (usize, io::Error)>> {
+        async move {
+            let coalesce = body.len() <= COALESCE;
+            if coalesce {
+                self.wbuf.extend_from_slice(body);
+            }
+            let Conn { io, wbuf, .. } = self;
+            let mut written = write_all(io, wbuf, 0).await?;
+            if !coalesce {
+                written = write_all(io, body, written).await?;
+            }
+            let _ = written;
+            Ok(())
         }
-        let Conn { io, wbuf, .. } = self;
-        let mut written = write_all(io, wbuf, 0).await?;
-        if !coalesce {
-            written = write_all(io, body, written).await?;
-        }
-        let _ = written;
-        Ok(())
     }
 }
 
@@ -187,124 +197,129 @@ fn sendable_head(method: &Method, headers: &HeaderMap, len: u64) -> bool {
 
 /// Sends a request on `conn` and reads the response head. The response body reads on from the connection and
 /// gives it back to its pool when it ends; a body that came with the head has done so already.
-pub async fn send(
+// An async block, not an `async fn`: the future of an `async fn` holds each argument twice (as argument
+// and as local), and is copied in full at every move.
+#[allow(clippy::manual_async_fn)]
+pub fn send(
     mut conn: Conn,
     mut head: http::request::Parts,
     body: Bytes,
     reused: bool,
     addr: SocketAddr,
-) -> Result<Response<Body>, SendError> {
-    encode_head(&mut conn.wbuf, &head, body.len());
-    if let Err((written, e)) = conn.write_request(&body).await {
-        if written == 0 {
-            // Nothing went out: the request can go elsewhere as it is. On a kept-alive connection that is the
-            // usual race with the upstream's close; on a new one the upstream failed before it saw anything.
-            let (kind, detail) = if reused {
-                (
-                    FailKind::Stale,
-                    format!("{addr} closed a kept-alive connection: {e}"),
-                )
-            } else {
-                (FailKind::Connect, format!("could not send to {addr}: {e}"))
-            };
-            let mut err = SendError::new(kind, detail);
-            err.unsent = Some(Box::new(Request::from_parts(
-                head,
-                http_body_util::Either::Right(Full::new(body)),
-            )));
-            return Err(err);
+) -> impl Future<Output = Result<Response<Body>, SendError>> {
+    async move {
+        encode_head(&mut conn.wbuf, &head, body.len());
+        if let Err((written, e)) = conn.write_request(&body).await {
+            if written == 0 {
+                // Nothing went out: the request can go elsewhere as it is. On a kept-alive connection that is the
+                // usual race with the upstream's close; on a new one the upstream failed before it saw anything.
+                let (kind, detail) = if reused {
+                    (
+                        FailKind::Stale,
+                        format!("{addr} closed a kept-alive connection: {e}"),
+                    )
+                } else {
+                    (FailKind::Connect, format!("could not send to {addr}: {e}"))
+                };
+                let mut err = SendError::new(kind, detail);
+                err.unsent = Some(Box::new(Request::from_parts(
+                    head,
+                    http_body_util::Either::Right(Full::new(body)),
+                )));
+                return Err(err);
+            }
+            return Err(give_back(io_failure(e, reused, addr), head, body));
         }
-        return Err(give_back(io_failure(e, reused, addr), head, body));
-    }
-    let head_request = head.method == Method::HEAD;
-    let close_asked = head
-        .headers
-        .get(CONNECTION)
-        .is_some_and(|v| has_token(v, "close"));
+        let head_request = head.method == Method::HEAD;
+        let close_asked = head
+            .headers
+            .get(CONNECTION)
+            .is_some_and(|v| has_token(v, "close"));
 
-    let mut got_any = false;
-    let parsed = loop {
-        if !conn.rbuf.is_empty() {
-            got_any = true;
-            // The request's header table becomes the response's once the head is complete.
-            match parse_head(&mut conn.rbuf, head_request, &mut head.headers) {
-                Ok(Some(p)) => break p,
-                Ok(None) if conn.rbuf.len() > MAX_HEAD => {
-                    return Err(malformed(addr, "a response head larger than 400 KiB"));
+        let mut got_any = false;
+        let parsed = loop {
+            if !conn.rbuf.is_empty() {
+                got_any = true;
+                // The request's header table becomes the response's once the head is complete.
+                match parse_head(&mut conn.rbuf, head_request, &mut head.headers) {
+                    Ok(Some(p)) => break p,
+                    Ok(None) if conn.rbuf.len() > MAX_HEAD => {
+                        return Err(malformed(addr, "a response head larger than 400 KiB"));
+                    }
+                    Ok(None) => {}
+                    Err(what) => return Err(malformed(addr, what)),
                 }
-                Ok(None) => {}
-                Err(what) => return Err(malformed(addr, what)),
             }
-        }
-        match conn.fill().await {
-            Ok(0) if !got_any && reused => {
-                let e = SendError::new(
-                    FailKind::Stale,
-                    format!("{addr} closed a kept-alive connection before responding"),
-                );
-                return Err(give_back(e, head, body));
+            match conn.fill().await {
+                Ok(0) if !got_any && reused => {
+                    let e = SendError::new(
+                        FailKind::Stale,
+                        format!("{addr} closed a kept-alive connection before responding"),
+                    );
+                    return Err(give_back(e, head, body));
+                }
+                Ok(0) => {
+                    return Err(SendError::new(
+                        FailKind::Other,
+                        format!("{addr} closed the connection before the response head ended"),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if got_any => return Err(io_failure(e, false, addr)),
+                Err(e) => return Err(give_back(io_failure(e, reused, addr), head, body)),
             }
-            Ok(0) => {
-                return Err(SendError::new(
-                    FailKind::Other,
-                    format!("{addr} closed the connection before the response head ended"),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) if got_any => return Err(io_failure(e, false, addr)),
-            Err(e) => return Err(give_back(io_failure(e, reused, addr), head, body)),
-        }
-    };
-    drop(body);
-    let Parsed {
-        status,
-        version,
-        headers,
-        framing,
-        mut keep_alive,
-        reason,
-    } = parsed;
-    keep_alive &= !close_asked;
+        };
+        drop(body);
+        let Parsed {
+            status,
+            version,
+            headers,
+            framing,
+            mut keep_alive,
+            reason,
+        } = parsed;
+        keep_alive &= !close_asked;
 
-    let mut body = Body {
-        conn: Some(conn),
-        keep_alive,
-        state: State::Done,
-    };
-    body.state = match framing {
-        Framing::Empty => {
-            body.finish();
-            State::Done
-        }
-        Framing::Length(n) => {
-            let buffered = body.conn.as_ref().map_or(0, |c| c.rbuf.len());
-            if buffered as u64 >= n {
-                // All of it is here: the connection goes back now.
-                let bytes = body
-                    .conn
-                    .as_mut()
-                    .map(|c| c.rbuf.split_to(n as usize).freeze())
-                    .unwrap_or_default();
+        let mut body = Body {
+            conn: Some(conn),
+            keep_alive,
+            state: State::Done,
+        };
+        body.state = match framing {
+            Framing::Empty => {
                 body.finish();
-                State::Whole(Some(bytes).filter(|b| !b.is_empty()))
-            } else {
-                State::Length(n)
+                State::Done
             }
+            Framing::Length(n) => {
+                let buffered = body.conn.as_ref().map_or(0, |c| c.rbuf.len());
+                if buffered as u64 >= n {
+                    // All of it is here: the connection goes back now.
+                    let bytes = body
+                        .conn
+                        .as_mut()
+                        .map(|c| c.rbuf.split_to(n as usize).freeze())
+                        .unwrap_or_default();
+                    body.finish();
+                    State::Whole(Some(bytes).filter(|b| !b.is_empty()))
+                } else {
+                    State::Length(n)
+                }
+            }
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::Eof => {
+                body.keep_alive = false;
+                State::Eof
+            }
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        if let Some(reason) = reason {
+            resp.extensions_mut().insert(reason);
         }
-        Framing::Chunked => State::Chunked(Chunk::Size),
-        Framing::Eof => {
-            body.keep_alive = false;
-            State::Eof
-        }
-    };
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    *resp.headers_mut() = headers;
-    if let Some(reason) = reason {
-        resp.extensions_mut().insert(reason);
+        Ok(resp)
     }
-    Ok(resp)
 }
 
 /// A stale connection's failure carries the request as it was written (untouched: no response byte came), so
@@ -445,10 +460,18 @@ fn parse_head(
             .reason
             .filter(|r| Some(*r) != status.canonical_reason())
             .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
-        // Where each field lies in the head, so the values can share its memory.
+        // Where each field lies in the head, so the values can share its memory. Room for a usual head on
+        // the stack (one for the most fields would cost a 1.6 KiB memset per response).
         let base = buf.as_ptr() as usize;
         let n = res.headers.len();
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut few = [(0u32, 0u32, 0u32, 0u32); FEW_HEADERS];
+        let mut many = Vec::new();
+        let spans = if n <= FEW_HEADERS {
+            &mut few[..n]
+        } else {
+            many.resize(n, (0u32, 0u32, 0u32, 0u32));
+            &mut many[..]
+        };
         for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
             let name = f.name.as_ptr() as usize - base;
             let value = f.value.as_ptr() as usize - base;
@@ -465,12 +488,18 @@ fn parse_head(
         headers.reserve(n);
         let mut keep_alive = version == Version::HTTP_11;
         let mut saw_close = false;
-        for &(ns, ne, vs, ve) in &spans[..n] {
+        let mut seen = Seen::default();
+        for &(ns, ne, vs, ve) in spans.iter() {
             let name = HeaderName::from_bytes(&raw[ns as usize..ne as usize])
                 .map_err(|_| "a response field with an invalid name".to_string())?;
             let value = HeaderValue::from_maybe_shared(raw.slice(vs as usize..ve as usize))
                 .map_err(|_| "a response field with an invalid value".to_string())?;
-            if name == CONNECTION {
+            if name == CONTENT_LENGTH {
+                seen.lengths += 1;
+                seen.length = digits(value.as_bytes());
+            } else if name == TRANSFER_ENCODING {
+                seen.transfer_encoding = true;
+            } else if name == CONNECTION {
                 // Once any `Connection` field asks to close, a later `keep-alive` does not undo it.
                 if saw_close || has_token(&value, "close") {
                     saw_close = true;
@@ -481,12 +510,12 @@ fn parse_head(
             }
             headers.append(name, value);
         }
-        let framing = framing(status, version, &headers, head_request)?;
+        let framing = framing(status, version, &headers, head_request, &seen)?;
         if code == 101 {
             // Switching protocols, unasked: the connection carries something else now.
             keep_alive = false;
         }
-        if framing == Framing::Chunked && headers.contains_key(CONTENT_LENGTH) {
+        if framing == Framing::Chunked && seen.lengths > 0 {
             // Both: read as chunked (RFC 9112 §6.3), the length not passed on (it does not describe the body
             // meshd forwards), and the connection not trusted with another request.
             headers.remove(CONTENT_LENGTH);
@@ -503,17 +532,28 @@ fn parse_head(
     }
 }
 
+/// What the parse noted of the framing fields as it went: saves looking them up again.
+#[derive(Default)]
+struct Seen {
+    /// `Content-Length` fields.
+    lengths: usize,
+    /// The last `Content-Length` field's value, when it is plain digits.
+    length: Option<u64>,
+    transfer_encoding: bool,
+}
+
 /// RFC 9112 §6.3, as hyper's client applies it.
 fn framing(
     status: StatusCode,
     version: Version,
     headers: &HeaderMap,
     head_request: bool,
+    seen: &Seen,
 ) -> Result<Framing, String> {
     if matches!(status.as_u16(), 101 | 204 | 304) || head_request {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if seen.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err("Transfer-Encoding in an HTTP/1.0 response".into());
         }
@@ -530,7 +570,13 @@ fn framing(
             Framing::Eof
         });
     }
-    match content_length(headers) {
+    let length = match (seen.lengths, seen.length) {
+        (0, _) => Ok(None),
+        // Nearly always: one field of plain digits.
+        (1, Some(n)) => Ok(Some(n)),
+        _ => content_length(headers),
+    };
+    match length {
         Ok(Some(n)) => Ok(Framing::Length(n)),
         Ok(None) => Ok(Framing::Eof),
         Err(()) => Err("an invalid or conflicting Content-Length".into()),
