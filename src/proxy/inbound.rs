@@ -88,7 +88,10 @@ impl Handler for InboundHandler {
                 return this.sync(&ctx, req).await;
             }
             // Boxed, as on the outbound side: a large future, moved by hyper and the server.
-            let (service, resp, mesh_error) = match Box::pin(this.proxy(&mut ctx, req, &conn)).await
+            let (service, resp, mesh_error) = match crate::util::boxed(|| {
+                this.proxy(&mut ctx, req, &conn)
+            })
+            .await
             {
                 Ok((service, resp)) => (Some(service), resp, None),
                 Err(r) => {

@@ -7,3 +7,11 @@ pub mod runtime;
 pub mod subnet;
 
 pub use backoff::Backoff;
+
+/// `Box::pin(make())`, with the heap memory taken before `make` runs: the compiler can then have `make` build
+/// its value (a large future) straight in the box, instead of on the stack and copying it over.
+#[inline(always)]
+pub fn boxed<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
+    let slot = Box::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
+}

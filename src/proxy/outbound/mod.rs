@@ -120,13 +120,9 @@ impl Handler for OutboundHandler {
                         // Boxed: the attempt loop's future is large, and hyper and the server move the
                         // handler's future around; one allocation is cheaper than copying it at every move.
                         Ok(target) => {
-                            Box::pin(attempt::run(
-                                &this,
-                                &mut ctx,
-                                target,
-                                req,
-                                conn.peer_value(),
-                            ))
+                            crate::util::boxed(|| {
+                                attempt::run(&this, &mut ctx, target, req, conn.peer_value())
+                            })
                             .await
                         }
                     }
