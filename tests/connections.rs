@@ -242,7 +242,12 @@ async fn h1_idle_drain() {
 }
 
 #[tokio::test]
-async fn h1_idle_keep_alive_closes_at_once_on_shutdown() {
+async fn h1_idle_keep_alive_closes_at_once_on_shutdown_ct() {
+    h1_idle_drain().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_idle_keep_alive_closes_at_once_on_shutdown_mt() {
     h1_idle_drain().await
 }
 

@@ -77,17 +77,13 @@ impl Conn {
     }
 
     /// Whether an idle connection can carry another request: the upstream has neither closed it nor sent
-    /// anything unasked. Costs a system call only when the socket was marked readable.
+    /// anything unasked. A read of one byte, which costs a system call whenever tokio has the socket marked
+    /// readable — always after a response, because [`Conn::poll_fill`] leaves that mark set — so a close the
+    /// kernel already has is seen even before the runtime's I/O driver has noted it. (`try_read` also leaves
+    /// the task's cooperative budget and its registered waker alone.)
     pub(super) fn usable(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// The socket and the pool slot, for a hyper connection to take over.
@@ -97,13 +93,22 @@ impl Conn {
 
     /// Reads more into `rbuf`: the number of bytes read, 0 at the end of the stream.
     ///
-    /// Through `poll_read`, not `try_read`: tokio forgets the socket's readiness after a read that did not fill
-    /// the buffer, so [`Conn::usable`] does not then need a read that can only say `EAGAIN`.
+    /// Through `try_read`, which keeps tokio's readiness mark after a short read (`poll_read` would clear it):
+    /// [`Conn::usable`] then asks the kernel, not the I/O driver, whether the upstream closed the connection
+    /// since. Reading through `poll_read` saved that system call per request, but under load the driver can
+    /// note a close dozens of task polls late, and a request that cannot be sent twice would then fail on a
+    /// connection the kernel knew was closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             self.rbuf.reserve(READ_CHUNK);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            match self.io.try_read_buf(&mut self.rbuf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
@@ -973,6 +978,43 @@ mod tests {
         );
         let head = parse("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true);
         assert_eq!(head.map(|p| p.map(|p| p.framing)), Ok(Some(Framing::Empty)));
+    }
+
+    #[test]
+    fn heads_with_more_fields_than_the_stack_holds() {
+        // Field positions go on the stack up to FEW_HEADERS fields, in a Vec beyond: both keep every field.
+        for n in [
+            FEW_HEADERS - 1,
+            FEW_HEADERS,
+            FEW_HEADERS + 1,
+            MAX_HEADERS - 1,
+        ] {
+            let mut text = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..n {
+                text.push_str(&format!("x-f{i}: v{i}\r\n"));
+            }
+            text.push_str("content-length: 3\r\n\r\n");
+            let p = parse(&text, false).ok().flatten();
+            let p = p.map(|p| (p.framing, p.headers.len(), p.headers.get("x-f0").cloned()));
+            assert_eq!(
+                p,
+                Some((
+                    Framing::Length(3),
+                    n + 1,
+                    Some(HeaderValue::from_static("v0"))
+                )),
+                "{n} fields"
+            );
+        }
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..MAX_HEADERS {
+            text.push_str(&format!("x-f{i}: v\r\n"));
+        }
+        text.push_str("content-length: 3\r\n\r\n");
+        assert!(
+            parse(&text, false).is_err(),
+            "more than {MAX_HEADERS} fields"
+        );
     }
 
     #[test]
