@@ -1,7 +1,8 @@
 //! Client connections over their life: the header timeout of a kept-alive connection's next head, the idle
-//! timeout after a request longer than it (HTTP/1 and HTTP/2), and graceful drain of idle and busy HTTP/1 and
-//! HTTP/2 connections. Each runs on a current-thread and a two-worker runtime: the connection driver reads
-//! events its own connection raised without a wake-up, and events from other tasks with one.
+//! timeout after a request longer than it (HTTP/1 and HTTP/2), and graceful drain of idle HTTP/1 and HTTP/2
+//! connections and of a busy HTTP/2 one (lifecycle.rs drains a busy HTTP/1 one). Each runs on a
+//! current-thread and a two-worker runtime: the connection driver reads events its own connection raised
+//! without a wake-up, and events from other tasks with one.
 
 mod common;
 
