@@ -22,34 +22,6 @@ fn cfg(outbound: &str, backend: std::net::SocketAddr) -> meshd::config::Config {
     meshd::config::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn keepalive_get(s: &mut TcpStream, path: &str) -> String {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before a response");
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if out.len() >= end + 4 + len {
-                return text;
-            }
-        }
-    }
-}
-
 async fn second_head_is_cut_off() {
     let b = backend("svc").await;
     let agent = start(cfg(
@@ -196,22 +168,17 @@ async fn h2_drain() {
     let got = slow.await.unwrap();
     assert_eq!(got.status, StatusCode::OK);
     // Told to go away (GOAWAY): the connection closes once its stream is done, well before the 5 s drain deadline.
-    let task = agent.task.take().unwrap();
-    tokio::time::timeout(Duration::from_secs(3), task)
-        .await
-        .expect("the agent finished draining before the drain deadline")
-        .unwrap()
-        .unwrap();
+    drained(
+        &mut agent,
+        "the agent finished draining before the drain deadline",
+    )
+    .await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !send.is_closed() {
-        assert!(Instant::now() < deadline, "client connection still open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    h2_closed(&send, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -235,11 +202,7 @@ async fn h1_idle_drain() {
     let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    tokio::time::timeout(Duration::from_secs(3), agent.task.take().unwrap())
-        .await
-        .expect("drained before the deadline")
-        .unwrap()
-        .unwrap();
+    drained(&mut agent, "drained before the deadline").await;
 }
 
 #[tokio::test]
@@ -267,19 +230,13 @@ async fn h2_idle_drain() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     agent.shutdown();
-    tokio::time::timeout(Duration::from_secs(3), agent.task.take().unwrap())
-        .await
-        .expect(
-            "an idle h2 connection was told to go away at once, not dropped at the drain deadline",
-        )
-        .unwrap()
-        .unwrap();
+    drained(
+        &mut agent,
+        "an idle h2 connection was told to go away at once, not dropped at the drain deadline",
+    )
+    .await;
     assert!(started.elapsed() < Duration::from_secs(3));
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !send.is_closed() {
-        assert!(Instant::now() < deadline, "client connection still open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    h2_closed(&send, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -290,4 +247,23 @@ async fn h2_idle_connection_closes_at_once_on_shutdown_ct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_idle_connection_closes_at_once_on_shutdown_mt() {
     h2_idle_drain().await
+}
+
+/// Waits for the agent's task to end, well before its 5 s drain deadline.
+async fn drained(agent: &mut Agent, why: &str) {
+    let task = agent.task.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect(why)
+        .unwrap()
+        .unwrap();
+}
+
+/// Waits at most `within` for the client's HTTP/2 connection to be closed.
+async fn h2_closed(send: &hyper::client::conn::http2::SendRequest<TestBody>, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !send.is_closed() {
+        assert!(Instant::now() < deadline, "client connection still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

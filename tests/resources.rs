@@ -240,39 +240,6 @@ fn listener_after(lines: &[String], label: &str) -> std::net::SocketAddr {
         .unwrap_or_else(|| panic!("no {label} address in {lines:?}"))
 }
 
-/// Sends `GET path` on a kept-alive connection and reads one response head and its `content-length` body.
-async fn keepalive_get(s: &mut TcpStream, path: &str) -> String {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(
-            n > 0,
-            "closed before a response: {}",
-            String::from_utf8_lossy(&out)
-        );
-        out.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&out).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if out.len() >= end + 4 + len {
-                return text;
-            }
-        }
-    }
-}
-
 fn capped_outbound(cap: usize, backend: std::net::SocketAddr) -> meshd::config::Config {
     let cfg = agent_config_with(
         "127.0.0.1",

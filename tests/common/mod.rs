@@ -729,7 +729,6 @@ pub async fn endpoint_view(agent: &Agent, service: &str, addr: SocketAddr) -> se
         .unwrap_or_else(|| panic!("{service} {addr} not in {v}"))
 }
 
-/// GET `path` through the outbound listener with `Host: host` over HTTP/1.1.
 /// Writes `raw` on a new connection and reads until the server closes (or 10 s pass).
 pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -740,6 +739,41 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `GET path` on a kept-alive connection and reads one response head and its `content-length` body.
+pub async fn keepalive_get(s: &mut TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// GET `path` through the outbound listener with `Host: host` over HTTP/1.1.
 pub async fn get(agent: &Agent, host: &str, path: &str) -> Got {
     let req = Request::get(agent.url(path))
         .header("host", host)

@@ -137,18 +137,14 @@ pub fn run(
         let resend_if_stale = replayable && safe_to_repeat;
 
         let budget = policy.retry.budget();
-        // One reading of the clock serves the deposit and the first attempt.
+        // One reading of the clock serves the deposit and the first attempt; a retry reads it after its backoff.
         let mut now = Instant::now();
         t.logical.state.budget_deposit(&budget, now);
-        let first = ctx.attempt + 1;
         let mut rng = fastrand::Rng::new();
         let mut tried = Tried::default();
         loop {
             ctx.attempt += 1;
             let attempt = ctx.attempt;
-            if attempt > first {
-                now = Instant::now();
-            }
             if now >= t.deadline {
                 return Err(Refusal::new(
                     Some(&t.service.name),
@@ -369,6 +365,7 @@ pub fn run(
                 // The discarded attempt ends now, not after the backoff: its connection, breaker report and span.
                 drop(result);
                 tokio::time::sleep(backoff).await;
+                now = Instant::now();
                 continue;
             }
             return match result {
